@@ -1,0 +1,27 @@
+"""oba_jax: Hessian-based neural-network pruning in JAX (Optimal Brain Apoptosis).
+
+Modules, one concept each:
+  scores      per-parameter importance: oba, taylor, obd, magnitude, random, accumulate
+  curvature   exact Hessian / Gauss-Newton / residual products and diagonal estimates
+  delta       which parameters a pruning step moves, and by how much
+  estimate    averaging scores over batches, data-parallel over devices and hosts
+  functional  pure functions from Flax NNX modules; the classification objective
+  models      the paper's networks in Flax NNX
+"""
+
+from oba_jax import curvature, delta, estimate, models, scores
+from oba_jax.functional import Objective, classification, functional, softmax_cross_entropy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Objective",
+    "classification",
+    "curvature",
+    "delta",
+    "estimate",
+    "functional",
+    "models",
+    "scores",
+    "softmax_cross_entropy",
+]

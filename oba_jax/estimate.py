@@ -1,0 +1,135 @@
+"""Scores averaged over many batches, data-parallel over every device.
+
+`accumulate` runs one jitted step per batch from a Python loop (on XLA:CPU,
+convolution gradients inside `lax.scan` run 30-60x slower). Each batch is
+sharded along its leading axis over a device `Mesh` (jit over a mesh is pmap's
+modern form), so the step computes the score of the *whole* batch, with exactly
+the single-device semantics. Parameters are replicated, unless they already
+live on the mesh, in which case their sharding is kept and the scores are
+sharded the same way.
+
+Multi-host: after `jax.distributed.initialize()`, every process calls
+`accumulate` with its own shard of each batch (the same number of batches on
+every process); the global batch is assembled with
+`jax.make_array_from_process_local_data` and every process gets the same result.
+"""
+
+import functools
+import itertools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from oba_jax.delta import path_str
+
+PyTree = Any
+DATA_AXIS = "data"
+
+
+def data_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over `devices` (default: all devices of all processes), axis 'data'."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  return Mesh(devices.reshape(-1), (DATA_AXIS,))
+
+
+def _param_sharding(leaf, mesh: Mesh) -> NamedSharding:
+  sharding = getattr(leaf, "sharding", None)
+  if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+    return sharding
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_batch(batch: PyTree, mesh: Mesh, axis: str = DATA_AXIS) -> PyTree:
+  """This process's part of a batch -> a global array sharded over `axis`."""
+  local_devices = mesh.local_mesh.shape[axis]
+  sharding = NamedSharding(mesh, PartitionSpec(axis))
+
+  def put(path, x):
+    x = np.asarray(x)
+    if x.ndim == 0 or x.shape[0] % local_devices:
+      raise ValueError(
+          f"batch leaf '{path_str(path)}' has shape {x.shape}; its leading (batch) axis must "
+          f"be divisible by the {local_devices} local devices of the mesh."
+      )
+    return jax.make_array_from_process_local_data(sharding, x)
+
+  return jax.tree_util.tree_map_with_path(put, batch)
+
+
+def accumulate(
+    score_fn: Callable[..., PyTree],
+    params: PyTree,
+    batches: Iterable[PyTree],
+    *,
+    key: jax.Array | None = None,
+    num_batches: int | None = None,
+    mesh: Mesh | None = None,
+    progress: bool = False,
+) -> PyTree:
+  """The mean of `score_fn(params, batch)` over `batches`.
+
+  Args:
+    score_fn: `score_fn(params, batch) -> pytree`, e.g.
+      `functools.partial(scores.oba, loss_fn)`. With `key`, it is called as
+      `score_fn(params, batch, key=k)` with a fresh key per batch (for `obd`).
+    params: the parameters (replicated over the mesh unless already on it).
+    batches: an iterable of batch pytrees (this process's shard of each batch).
+    key: optional PRNG key, folded with the batch index.
+    num_batches: stop after this many batches (for endless iterators).
+    mesh: the device mesh; default all devices along one 'data' axis.
+    progress: show a progress bar with rate and ETA.
+
+  Returns:
+    The mean score over the batches, sharded like `params`.
+  """
+  if num_batches is not None and num_batches < 1:
+    raise ValueError(f"num_batches must be >= 1 or None, got {num_batches}.")
+  mesh = data_mesh() if mesh is None else mesh
+  param_shardings = jax.tree.map(lambda x: _param_sharding(x, mesh), params)
+  params = jax.device_put(params, param_shardings)
+  call = (lambda p, b, k: score_fn(p, b)) if key is None else (
+      lambda p, b, k: score_fn(p, b, key=k))
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def step(total, p, b, k):
+    s = call(p, b, k)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(s)]))
+    return jax.tree.map(jnp.add, total, s), finite
+
+  batches = itertools.islice(batches, num_batches)
+  if progress:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    batches = tqdm(batches, total=num_batches, desc="scores", unit="batch")
+  total, flags, count = None, [], 0
+  for count, batch in enumerate(batches, start=1):
+    batch = shard_batch(batch, mesh)
+    batch_key = None if key is None else jax.random.fold_in(key, count - 1)
+    if total is None:
+      total = _zeros_like(jax.eval_shape(call, params, batch, batch_key), params,
+                          param_shardings, mesh)
+    total, finite = step(total, params, batch, batch_key)
+    flags.append(finite)
+  if total is None:
+    raise ValueError("accumulate got no batches: the iterable was empty.")
+  bad = [i for i, ok in enumerate(jax.device_get(flags)) if not ok]
+  if bad:
+    raise FloatingPointError(
+        f"scores are NaN or Inf in {len(bad)} of {count} batches (first: batch {bad[0]}). "
+        "Check the loss on those batches."
+    )
+  return jax.tree.map(lambda t: t / count, total)
+
+
+def _zeros_like(shapes: PyTree, params: PyTree, param_shardings: PyTree, mesh: Mesh) -> PyTree:
+  """Zeros for the running sum: sharded like params when scores mirror params."""
+  if jax.tree.structure(shapes) == jax.tree.structure(params):
+    shardings = param_shardings
+  else:
+    shardings = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(
+      lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), out_shardings=shardings
+  )()

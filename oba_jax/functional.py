@@ -1,0 +1,52 @@
+"""Pure functions from Flax NNX modules, and the classification objective.
+
+`scores` works on `loss_fn(params, batch)` with `params` any pytree. For an NNX
+model, `functional(model)` gives `apply_fn(params, *inputs)` and its parameters
+as a plain nested dict; the model's other state (BatchNorm statistics) and its
+mode (`model.train()` / `model.eval()`) are captured at that moment. In training
+mode BatchNorm uses batch statistics and the running averages it would update
+are discarded, so `apply_fn` stays pure.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import optax
+from flax import nnx
+
+PyTree = Any
+
+
+def functional(model: nnx.Module) -> tuple[Callable[..., Any], dict]:
+  """Splits an NNX module into a pure `apply_fn(params, *inputs)` and its params."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def apply_fn(params: PyTree, *inputs, **kwargs):
+    return nnx.merge(graphdef, nnx.State(params), rest, copy=True)(*inputs, **kwargs)
+
+  return apply_fn, nnx.to_pure_dict(params)
+
+
+def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy with integer labels."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+class Objective(NamedTuple):
+  """The three views of one loss that `scores` needs.
+
+  loss(params, batch) == output_loss(model(params, batch), batch).
+  """
+
+  loss: Callable[[PyTree, PyTree], jax.Array]
+  model: Callable[[PyTree, PyTree], jax.Array]
+  output_loss: Callable[[jax.Array, PyTree], jax.Array]
+
+
+def classification(apply_fn: Callable[..., jax.Array], image_key: str = "image",
+                   label_key: str = "label") -> Objective:
+  """Softmax cross-entropy of `apply_fn(params, batch[image_key])` on `batch[label_key]`."""
+  model = lambda params, batch: apply_fn(params, batch[image_key])
+  output_loss = lambda logits, batch: softmax_cross_entropy(logits, batch[label_key])
+  return Objective(lambda p, b: output_loss(model(p, b), b), model, output_loss)

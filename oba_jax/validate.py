@@ -1,0 +1,51 @@
+"""Checks that turn bad input into clear errors before any work is done."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from oba_jax.delta import path_str
+
+PyTree = Any
+
+
+def is_traced(tree: PyTree) -> bool:
+  """True inside jit/grad/vmap tracing, where values cannot be inspected."""
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+def check_scalar_loss(loss_fn, params: PyTree, batch: PyTree, name: str = "loss_fn") -> None:
+  """Raises TypeError unless `loss_fn(params, batch)` is a real scalar (checked abstractly)."""
+  out = jax.eval_shape(loss_fn, params, batch)
+  shape = getattr(out, "shape", None)
+  dtype = getattr(out, "dtype", None)
+  if shape != () or not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f"{name}(params, batch) must return a real scalar, got shape={shape} dtype={dtype}; "
+        "take the mean over the batch (e.g. optax.softmax_cross_entropy_with_integer_labels(...).mean())."
+    )
+
+
+def check_choice(name: str, value, accepted) -> None:
+  if value not in accepted:
+    raise ValueError(f"{name}={value!r} is not supported; accepted: {sorted(accepted)}.")
+
+
+def check_finite(tree: PyTree, what: str = "scores") -> PyTree:
+  """Returns `tree`, or raises FloatingPointError naming the first leaf with NaN/Inf.
+
+  Skipped while tracing (values are unknown then); `scores.accumulate` checks
+  every batch itself.
+  """
+  if is_traced(tree):
+    return tree
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    bad = int(np.size(leaf) - np.count_nonzero(np.isfinite(np.asarray(leaf))))
+    if bad:
+      raise FloatingPointError(
+          f"{what}: {bad} of {np.size(leaf)} values of '{path_str(path)}' are NaN or Inf. "
+          "Check the loss at these parameters (divergent model, log(0), or too large a delta)."
+      )
+  return tree
