@@ -7,9 +7,10 @@ Modules, one concept each:
   estimate    averaging scores over batches, data-parallel over devices and hosts
   functional  pure functions from Flax NNX modules; the classification objective
   models      the paper's networks in Flax NNX
+  weights     torchvision/timm state dicts into and out of the ImageNet models
 """
 
-from oba_jax import curvature, delta, estimate, models, scores
+from oba_jax import curvature, delta, estimate, models, scores, weights
 from oba_jax.functional import Objective, classification, functional, softmax_cross_entropy
 
 __version__ = "0.1.0"
@@ -24,4 +25,5 @@ __all__ = [
     "models",
     "scores",
     "softmax_cross_entropy",
+    "weights",
 ]

@@ -1,6 +1,19 @@
-"""The paper's networks in Flax NNX, sized by arguments so tests can build tiny ones."""
+"""The paper's networks in Flax NNX, sized by arguments so tests can build tiny ones.
 
+CIFAR: `VGG` (EigenDamage-style VGG19) and `ResNetCIFAR` (wide ResNet-6n+2).
+ImageNet: `resnet50` (torchvision layout) and `vit_b16` (torchvision layout, separate
+q/k/v/out projections, optional grouped key/value heads).
+"""
+
+from oba_jax.models import resnet, vit
+from oba_jax.models.resnet import (Bottleneck, ResNet, resnet18, resnet34, resnet50,
+                                   resnet101, resnet152)
 from oba_jax.models.resnet_cifar import BasicBlock, ResNetCIFAR
 from oba_jax.models.vgg import VGG, ConvBN
+from oba_jax.models.vit import MultiHeadAttention, VisionTransformer, vit_b16
 
-__all__ = ["VGG", "BasicBlock", "ConvBN", "ResNetCIFAR"]
+__all__ = [
+    "BasicBlock", "Bottleneck", "ConvBN", "MultiHeadAttention", "ResNet", "ResNetCIFAR", "VGG",
+    "VisionTransformer", "resnet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "vit", "vit_b16",
+]

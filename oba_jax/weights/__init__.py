@@ -1,0 +1,14 @@
+"""Weights from PyTorch: torchvision and timm state dicts into oba_jax's ResNet and ViT, and back.
+
+  load(model, state_dict_or_path, format="torchvision")  checks every key and shape, then writes
+  export(model, format="torchvision")                     -> {torch key: numpy array}
+  read_state_dict(path)                                   .safetensors, or .pth given torch
+
+Modules: `io` reads files, `convert` translates given a key-renaming table, `formats` holds the
+tables. Nothing here imports torch unless a `.pth` file is read.
+"""
+
+from oba_jax.weights.formats import export, load
+from oba_jax.weights.io import read_state_dict
+
+__all__ = ["export", "load", "read_state_dict"]

@@ -1,0 +1,46 @@
+"""Reading PyTorch state dicts from files, as numpy arrays.
+
+`.safetensors` needs only the `safetensors` package. PyTorch pickles (`.pth`, `.pt`, `.bin`) need
+torch, an optional dependency imported here and nowhere else.
+"""
+
+import os
+import pathlib
+from collections.abc import Mapping
+
+import numpy as np
+import safetensors.numpy
+
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """The tensors of a `.safetensors` file or of a PyTorch `.pth`/`.pt`/`.bin` state dict.
+
+  Pickles are loaded with `weights_only=True` (tensors only, no code runs); their floats come back
+  as float32, since numpy has no bfloat16.
+  """
+  path = pathlib.Path(path)
+  if path.suffix == ".safetensors":
+    return safetensors.numpy.load_file(path)
+  if path.suffix in _TORCH_SUFFIXES:
+    return _read_torch(path)
+  raise ValueError(f"Cannot read {str(path)!r}: suffix {path.suffix!r} is not one of "
+                   f"{('.safetensors', *_TORCH_SUFFIXES)}.")
+
+
+def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
+  try:
+    import torch
+  except ImportError as err:
+    raise ImportError(f"Reading {str(path)!r} needs PyTorch: pip install torch==2.13.0 "
+                      "(or convert the file to .safetensors).") from err
+  state_dict = torch.load(path, map_location="cpu", weights_only=True)
+  if not isinstance(state_dict, Mapping):
+    raise ValueError(f"{str(path)!r} holds a {type(state_dict).__name__}, not a state dict.")
+  for key, value in state_dict.items():
+    if not isinstance(value, torch.Tensor):
+      raise ValueError(f"{str(path)!r} is not a state dict of tensors: {key!r} holds a "
+                       f"{type(value).__name__} (a training checkpoint? pass its state dict).")
+  return {key: (value.float() if value.is_floating_point() else value).numpy()
+          for key, value in state_dict.items()}
