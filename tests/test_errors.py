@@ -1,0 +1,84 @@
+"""Bad input gets a clear error that names the problem, before any work is done."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from oba_jax import models, scores
+
+PARAMS = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros((2,))}}
+BATCH = {"image": jnp.ones((4, 3)), "label": jnp.zeros((4,), jnp.int32)}
+
+
+def loss(p, b):
+  return jnp.mean((b["image"] @ p["dense"]["kernel"] + p["dense"]["bias"]) ** 2)
+
+
+def test_delta_with_another_structure():
+  with pytest.raises(ValueError, match=r"delta does not have the structure.*missing leaves \['dense/bias'\]"):
+    scores.oba(loss, PARAMS, BATCH, delta={"dense": {"kernel": jnp.ones((3, 2))}})
+
+
+def test_delta_with_another_shape():
+  bad = {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros((2,))}}
+  with pytest.raises(ValueError, match=r"'dense/kernel' has shape \(2, 3\).*\(3, 2\)"):
+    scores.oba(loss, PARAMS, BATCH, delta=bad)
+
+
+def test_prunable_mask_with_another_shape():
+  bad = {"dense": {"kernel": np.ones((3,), bool), "bias": True}}
+  with pytest.raises(ValueError, match="prunable mask leaf 'dense/kernel'"):
+    scores.magnitude(PARAMS, prunable=bad)
+
+
+def test_non_scalar_loss():
+  per_example = lambda p, b: (b["image"] @ p["dense"]["kernel"]).sum(-1)
+  with pytest.raises(TypeError, match=r"must return a real scalar, got shape=\(4,\)"):
+    scores.oba(per_example, PARAMS, BATCH)
+  with pytest.raises(TypeError, match="real scalar"):
+    scores.taylor(per_example, PARAMS, BATCH, order=3)
+
+
+@pytest.mark.parametrize("order", [0, 5, 2.0, True, "2"])
+def test_taylor_order_out_of_range(order):
+  with pytest.raises(ValueError, match=r"order must be an integer in 1\.\.4"):
+    scores.taylor(loss, PARAMS, BATCH, order=order)
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "residual"])
+def test_gauss_newton_split_needs_model_fn(curvature):
+  with pytest.raises(ValueError, match=f"curvature='{curvature}' needs model_fn"):
+    scores.oba(loss, PARAMS, BATCH, curvature=curvature)
+
+
+def test_unknown_choices():
+  with pytest.raises(ValueError, match=r"curvature='fisher' is not supported; accepted: \['ggn', 'hessian', 'residual'\]"):
+    scores.oba(loss, PARAMS, BATCH, curvature="fisher")
+  with pytest.raises(ValueError, match="diag='kfac' is not supported"):
+    scores.obd(loss, PARAMS, BATCH, key=jax.random.key(0), diag="kfac")
+  with pytest.raises(ValueError, match="needs key"):
+    scores.obd(loss, PARAMS, BATCH, key=None)
+  with pytest.raises(ValueError, match="diag='fisher' needs model_fn"):
+    scores.obd(loss, PARAMS, BATCH, key=jax.random.key(0), diag="fisher")
+  with pytest.raises(ValueError, match="multiple of probe_batch"):
+    scores.obd(loss, PARAMS, BATCH, key=jax.random.key(0), num_probes=3, probe_batch=2)
+
+
+def test_nan_scores_name_the_leaf():
+  nan_params = {"dense": {"kernel": jnp.full((3, 2), jnp.nan), "bias": jnp.zeros((2,))}}
+  with pytest.raises(FloatingPointError, match=r"values of 'dense/(bias|kernel)' are NaN or Inf"):
+    scores.oba(loss, nan_params, BATCH)
+  log_loss = lambda p, b: jnp.mean(jnp.log(b["image"] @ p["dense"]["kernel"] - 3.0))
+  with pytest.raises(FloatingPointError, match="taylor"):
+    scores.taylor(log_loss, PARAMS, BATCH, order=1)
+
+
+def test_bad_model_arguments():
+  with pytest.raises(ValueError, match="depth=21 must be 6n\\+2"):
+    models.ResNetCIFAR(21, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"VGG depth=17 is not supported; accepted: \[11, 13, 16, 19\]"):
+    models.VGG(17, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="width must be a positive integer"):
+    models.VGG(11, width=0, rngs=nnx.Rngs(0))
