@@ -49,13 +49,15 @@ def shard_batch(batch: PyTree, mesh: Mesh, axis: str = DATA_AXIS) -> PyTree:
   sharding = NamedSharding(mesh, PartitionSpec(axis))
 
   def put(path, x):
-    x = np.asarray(x)
-    if x.ndim == 0 or x.shape[0] % local_devices:
+    shape = np.shape(x)
+    if not shape or shape[0] % local_devices:
       raise ValueError(
-          f"batch leaf '{path_str(path)}' has shape {x.shape}; its leading (batch) axis must "
+          f"batch leaf '{path_str(path)}' has shape {shape}; its leading (batch) axis must "
           f"be divisible by the {local_devices} local devices of the mesh."
       )
-    return jax.make_array_from_process_local_data(sharding, x)
+    if isinstance(x, jax.Array) and jax.process_count() == 1:
+      return jax.device_put(x, sharding)  # already on device: no host round trip
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
   return jax.tree_util.tree_map_with_path(put, batch)
 

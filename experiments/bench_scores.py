@@ -1,0 +1,134 @@
+"""Benchmark: cost of one OBA score against one loss-and-gradient step.
+
+Times (median over interleaved repetitions, one process) and XLA memory (from the
+compiled executables' memory analysis) of, on the paper's wide CIFAR ResNet:
+  grad      jax.value_and_grad(loss)                    (the unit)
+  hessian   scores.oba(curvature="hessian")             target <= 2.2x grad
+  ggn       scores.oba(curvature="ggn")                 target <= 3.5x grad
+  residual  scores.oba(curvature="residual")            target <= 3.5x grad
+  taylor3   scores.taylor(order=3)                      (for information)
+  hutch1    scores.obd(diag="hutchinson"), one probe    (for information)
+Memory target: every score's peak <= 2.5x the gradient step's.
+
+  python experiments/bench_scores.py --depth 32 --batch 64 --reps 5
+"""
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import oba_jax
+from oba_jax import scores
+from oba_jax.models import ResNetCIFAR
+from oba_jax.runtime import enable_compilation_cache
+
+TARGETS = {"hessian": 2.2, "ggn": 3.5, "residual": 3.5}
+MEMORY_TARGET = 2.5
+
+
+def build(depth: int, width: int, batch_size: int, train_bn: bool):
+  model = ResNetCIFAR(depth, width=width, num_classes=10, rngs=nnx.Rngs(0))
+  model.train() if train_bn else model.eval()
+  apply_fn, params = oba_jax.functional(model)
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.normal(size=(batch_size, 32, 32, 3)), jnp.float32),
+           "label": jnp.asarray(rng.integers(0, 10, batch_size), jnp.int32)}
+  return oba_jax.classification(apply_fn), params, batch
+
+
+def candidates(objective):
+  split = dict(model_fn=objective.model, output_loss_fn=objective.output_loss)
+  return {
+      "grad": lambda p, b: jax.value_and_grad(objective.loss)(p, b),
+      "hessian": functools.partial(scores.oba, objective.loss),
+      "ggn": functools.partial(scores.oba, objective.loss, curvature="ggn", **split),
+      "residual": functools.partial(scores.oba, objective.loss, curvature="residual", **split),
+      "taylor3": functools.partial(scores.taylor, objective.loss, order=3),
+      "hutch1": functools.partial(scores.obd, objective.loss, key=jax.random.key(0)),
+  }
+
+
+def peak_bytes(compiled) -> int:
+  m = compiled.memory_analysis()
+  return (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+          - m.alias_size_in_bytes)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--depth", type=int, default=32)
+  parser.add_argument("--width", type=int, default=64)
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--reps", type=int, default=5)
+  parser.add_argument("--train-bn", action="store_true", help="batch-statistics BatchNorm")
+  parser.add_argument("--only", default="", help="comma-separated subset of the candidates")
+  parser.add_argument("--out", default="experiments/results/bench_scores.json")
+  args = parser.parse_args()
+  enable_compilation_cache()
+
+  objective, params, batch = build(args.depth, args.width, args.batch, args.train_bn)
+  fns = candidates(objective)
+  if args.only:
+    fns = {k: v for k, v in fns.items() if k == "grad" or k in args.only.split(",")}
+  compiled, memory, compile_s = {}, {}, {}
+  for name, fn in fns.items():
+    start = time.perf_counter()
+    compiled[name] = jax.jit(fn).lower(params, batch).compile()
+    compile_s[name] = time.perf_counter() - start
+    memory[name] = peak_bytes(compiled[name])
+    jax.block_until_ready(compiled[name](params, batch))  # warm-up
+    print(f"compiled {name:9s} in {compile_s[name]:5.1f} s, peak XLA memory "
+          f"{memory[name] / 2**20:8.1f} MiB", flush=True)
+
+  times = {name: [] for name in fns}
+  for rep in range(args.reps):
+    for name, fn in compiled.items():  # interleaved, so machine noise hits all alike
+      start = time.perf_counter()
+      jax.block_until_ready(fn(params, batch))
+      times[name].append(time.perf_counter() - start)
+    print(f"round {rep + 1}/{args.reps}: " + ", ".join(
+        f"{n} {t[-1]:.3f}s" for n, t in times.items()), flush=True)
+
+  median = {name: statistics.median(t) for name, t in times.items()}
+  rows = []
+  print(f"\n{'score':9s} {'median s':>9s} {'x grad':>7s} {'target':>7s} {'mem x grad':>10s}")
+  for name in fns:
+    ratio, mem_ratio = median[name] / median["grad"], memory[name] / memory["grad"]
+    target = TARGETS.get(name)
+    ok = "" if target is None else ("ok" if ratio <= target and mem_ratio <= MEMORY_TARGET
+                                    else "MISSED")
+    print(f"{name:9s} {median[name]:9.3f} {ratio:7.2f} {target or '':>7} {mem_ratio:10.2f} {ok}")
+    rows.append({"score": name, "median_s": median[name], "times_s": times[name],
+                 "ratio_to_grad": ratio, "target_ratio": target, "peak_bytes": memory[name],
+                 "memory_ratio_to_grad": mem_ratio, "compile_s": compile_s[name]})
+
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  record = {
+      "benchmark": "bench_scores", "date": datetime.date.today().isoformat(),
+      "command": "python experiments/bench_scores.py " + " ".join(
+          f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "out"),
+      "model": f"wide ResNet-{args.depth} (width {args.width}), {num_params} params, "
+               f"BN {'train' if args.train_bn else 'eval'}",
+      "batch": args.batch, "reps": args.reps,
+      "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                 f"{jax.devices()[0].device_kind}",
+      "jax": jax.__version__, "rows": rows,
+  }
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(record, f, indent=1)
+  print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
