@@ -16,7 +16,9 @@ Attention layout, which the structure tracer relies on. With `head_dim = hidden_
 - Grouped-query attention: kv head `g` serves the `num_heads // num_kv_heads` consecutive query
   heads [g * group, (g + 1) * group); `num_kv_heads == num_heads` is ordinary multi-head attention.
 - Head counts are read from the kernel shapes at call time, so an attention whose heads were
-  removed (narrower kernels) runs unchanged; only `head_dim` is fixed.
+  removed (narrower kernels) runs unchanged. `head_dim` (queries and keys) and `value_head_dim`
+  are attributes that `oba_jax.surgery` updates when dimensions within heads are removed; the
+  softmax `scale` stays 1/sqrt(original head_dim), so removal does not change the function.
 """
 
 import functools
@@ -42,23 +44,27 @@ class MultiHeadAttention(nnx.Module):
     if num_kv_heads < 1 or num_heads % num_kv_heads:
       raise ValueError(f"num_kv_heads={num_kv_heads} must be a positive divisor of "
                        f"num_heads={num_heads}.")
-    self.head_dim = hidden_dim // num_heads
+    self.head_dim = self.value_head_dim = hidden_dim // num_heads
+    self.scale = self.head_dim**-0.5
     kv_dim = num_kv_heads * self.head_dim
     self.query = nnx.Linear(hidden_dim, hidden_dim, rngs=rngs)
     self.key = nnx.Linear(hidden_dim, kv_dim, rngs=rngs)
     self.value = nnx.Linear(hidden_dim, kv_dim, rngs=rngs)
     self.out = nnx.Linear(hidden_dim, hidden_dim, rngs=rngs)
 
-  def _heads(self, x: jax.Array) -> jax.Array:
+  @staticmethod
+  def _heads(x: jax.Array, head_dim: int) -> jax.Array:
     """(batch, tokens, heads * head_dim) -> (batch, tokens, heads, head_dim)."""
-    return x.reshape(*x.shape[:-1], -1, self.head_dim)
+    return x.reshape(*x.shape[:-1], -1, head_dim)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+    q = self._heads(self.query(x), self.head_dim)
+    k = self._heads(self.key(x), self.head_dim)
+    v = self._heads(self.value(x), self.value_head_dim)
     group = q.shape[2] // k.shape[2]
     if group > 1:  # each kv head serves `group` consecutive query heads
       k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * self.head_dim**-0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * self.scale
     weights = jax.nn.softmax(logits, axis=-1)
     y = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     return self.out(y.reshape(*y.shape[:2], -1))

@@ -1,5 +1,11 @@
-"""Structured pruning: groups of coupled slices traced from the jaxpr, and their scores."""
+"""Structured pruning: groups of coupled slices traced from the jaxpr, and their scores.
+
+  structure = trace(model, example_input, ignore=("conv_proj",))
+  structure.groups        # Group(name, size, members): what must be removed together
+  structure.cost(kept)    # MACs and parameters for any kept widths
+"""
 
 from oba_jax.structure.groups import Cost, Group, Member, Structure, Term
+from oba_jax.structure.tracer import UnsupportedPrimitiveError, trace
 
-__all__ = ["Cost", "Group", "Member", "Structure", "Term"]
+__all__ = ["Cost", "Group", "Member", "Structure", "Term", "UnsupportedPrimitiveError", "trace"]

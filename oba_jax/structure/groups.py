@@ -51,11 +51,18 @@ class Member:
 
 @dataclasses.dataclass(frozen=True)
 class Group:
-  """Slices removed together; `size` is the number of removable indices."""
+  """Slices removed together; `size` is the number of removable indices.
+
+  `normalized` marks groups whose axis is also reduced over inside the network
+  (LayerNorm or GroupNorm statistics, a softmax over features): removing indices
+  then changes what the remaining ones compute, so zeroing them (masking) and
+  removing them (compaction) give different models.
+  """
 
   name: str
   size: int
   members: tuple[Member, ...]
+  normalized: bool = False
 
   def member_paths(self) -> tuple[str, ...]:
     return tuple(dict.fromkeys(m.path for m in self.members))
