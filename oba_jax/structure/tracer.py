@@ -210,30 +210,41 @@ def _sub_jaxpr(eqn):
   for name in _CALLS:
     if name in eqn.params:
       sub = eqn.params[name]
-      return (sub.jaxpr, sub.consts) if hasattr(sub, "consts") else (sub, ())
+      return getattr(sub, "jaxpr", sub)  # a ClosedJaxpr or a Jaxpr
   return None
 
 
-def _walk(walk: _Walk, jaxpr, in_layouts: Sequence[tuple[Layout, ...]], consts=()) -> list:
+def _walk(walk: _Walk, jaxpr, in_layouts: Sequence[tuple[Layout, ...]]) -> list:
   atoms = walk.atoms
   for var, layout in zip(jaxpr.invars, in_layouts):
     walk.layouts[var] = layout
-  for var, const in zip(jaxpr.constvars, consts):
-    walk.layouts[var] = _fresh(atoms, np.shape(const))
-  for var in jaxpr.constvars[len(consts):]:
-    walk.layouts[var] = _fresh(atoms, var.aval.shape)
+  # Closed-over arrays (e.g. BatchNorm statistics captured by a plain apply_fn) follow
+  # the channels they meet; only the module's own state is sliced by compaction.
+  for var in jaxpr.constvars:
+    walk.layouts[var] = _fresh(atoms, var.aval.shape, fixed=False)
 
   def read(v):
     if isinstance(v, jcore.Literal):
       return _fresh(atoms, np.shape(v.val))
     return walk.layouts[v]
 
-  for eqn in jaxpr.eqns:
+  for eqn in _live(jaxpr):
     ins = [read(v) for v in eqn.invars]
     outs = _rule(walk, eqn, ins)
     for var, layout in zip(eqn.outvars, outs):
       walk.layouts[var] = layout
   return [read(v) for v in jaxpr.outvars]
+
+
+def _live(jaxpr) -> list:
+  """The equations that contribute to the outputs (e.g. not discarded BatchNorm updates)."""
+  needed = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
+  live = []
+  for eqn in reversed(jaxpr.eqns):
+    if any(v in needed for v in eqn.outvars) or eqn.effects:
+      live.append(eqn)
+      needed.update(v for v in eqn.invars if not isinstance(v, jcore.Literal))
+  return live[::-1]
 
 
 def _rule(walk: _Walk, eqn, ins) -> list[tuple[Layout, ...]]:
@@ -243,11 +254,11 @@ def _rule(walk: _Walk, eqn, ins) -> list[tuple[Layout, ...]]:
 
   sub = _sub_jaxpr(eqn)
   if sub is not None:
-    inner, consts = sub
+    inner = sub
     for inner_var, outer in zip(inner.invars, eqn.invars):
       if not isinstance(outer, jcore.Literal) and outer in walk.params:
         walk.params[inner_var] = walk.params[outer]
-    return _walk(walk, inner, ins, consts)
+    return _walk(walk, inner, ins)
 
   if name in _ELEMENTWISE:  # operands match the output, up to scalars and size-1 axes
     shape = out_shapes[0]
@@ -351,6 +362,11 @@ def _rule(walk: _Walk, eqn, ins) -> list[tuple[Layout, ...]]:
   if name in ("reduce_window_max", "reduce_window_sum", "reduce_window_min", "reduce_window",
               "cumsum", "cummax", "cummin", "cumprod", "cumlogsumexp"):
     return [_windowed(atoms, eqn, ins[0], out_shapes[0])] * len(out_shapes)
+
+  if name.startswith("scatter") and eqn.invars[0].aval.shape == eqn.invars[2].aval.shape:
+    for a, b in zip(ins[0], ins[2]):  # a full overwrite (e.g. `x.at[...].set(y)`)
+      atoms.unify(a, b)
+    return [ins[0]]
 
   if name in ("dynamic_slice", "dynamic_update_slice"):
     x = ins[0]
@@ -586,9 +602,11 @@ def trace(model: nnx.Module | Callable, *example_inputs, ignore: Sequence[str] =
     graphdef, param_state, rest = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(param_state)
     state = nnx.to_pure_dict(rest)
-    fn = lambda p, s, *x: nnx.merge(graphdef, nnx.State(p), nnx.State(s), copy=True)(*x)
+    def fn(p, s, *x):  # also returns the updated state, which stays coupled to the channels
+      module = nnx.merge(graphdef, nnx.State(p), nnx.State(s), copy=True)
+      return module(*x), nnx.to_pure_dict(nnx.state(module, nnx.Not(nnx.Param)))
   elif params is not None:
-    state, fn = {}, (lambda p, s, *x: model(p, *x))
+    state, fn = {}, (lambda p, s, *x: (model(p, *x), s))
   else:
     raise TypeError("trace needs an nnx.Module, or a function apply_fn(params, *inputs) with "
                     "params=.")
@@ -621,10 +639,14 @@ def trace(model: nnx.Module | Callable, *example_inputs, ignore: Sequence[str] =
     raise ValueError(f"ignore={unmatched} matches no parameter path; paths look like "
                      f"{next(iter(leaves.values()))[0]!r}.")
 
-  outs = _walk(walk, closed.jaxpr, in_layouts, closed.consts)
-  for layout in outs:
+  outs = _walk(walk, closed.jaxpr, in_layouts)
+  num_outputs = len(closed.jaxpr.outvars) - len(flat_state)
+  for layout in outs[:num_outputs]:  # the model's outputs are never pruned
     for axis in layout:
       _fix(atoms, axis)
+  for old, new in zip(in_layouts[len(flat_params):], outs[num_outputs:]):
+    for a, b in zip(old, new):
+      atoms.unify(a, b)
 
   # Collect the members of every class of atoms.
   members: dict[int, list[Member]] = collections.defaultdict(list)
