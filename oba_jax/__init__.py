@@ -6,11 +6,17 @@ Modules, one concept each:
   delta       which parameters a pruning step moves, and by how much
   estimate    averaging scores over batches, data-parallel over devices and hosts
   functional  pure functions from Flax NNX modules; the classification objective
+  structure   coupled groups traced from the jaxpr, the cost model, group scores
+  flops       MACs and parameter counts from the jaxpr
+  plan        targets (KeptFlops, KeptParams, Density), global/local selection, schedules
+  masks       structured and unstructured masks, the keep_pruned optax wrapper
+  surgery     physical compaction into a smaller NNX module
   models      the paper's networks in Flax NNX
   weights     torchvision/timm state dicts into and out of the ImageNet models
 """
 
-from oba_jax import curvature, delta, estimate, models, scores, weights
+from oba_jax import (curvature, delta, estimate, flops, masks, models, plan, scores, structure,
+                     surgery, weights)
 from oba_jax.functional import Objective, classification, functional, softmax_cross_entropy
 
 __version__ = "0.1.0"
@@ -21,9 +27,14 @@ __all__ = [
     "curvature",
     "delta",
     "estimate",
+    "flops",
     "functional",
+    "masks",
     "models",
+    "plan",
     "scores",
     "softmax_cross_entropy",
+    "structure",
+    "surgery",
     "weights",
 ]

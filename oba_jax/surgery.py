@@ -17,7 +17,7 @@ saved plan, restore into it.
 
 import collections
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -25,6 +25,9 @@ from flax import nnx
 
 from oba_jax.models.vit import MultiHeadAttention
 from oba_jax.structure.groups import Structure
+
+if TYPE_CHECKING:
+  import oba_jax.plan
 
 # resizer(module, factors): `factors(leaf, axis)` gives the row-major factor sizes
 # of that axis of the module's leaf (e.g. 'kernel', 'query/kernel') after removal,
@@ -39,19 +42,22 @@ def register_resizer(module_type: type, resizer: Resizer) -> None:
   _RESIZERS[module_type] = resizer
 
 
-def compact(model: nnx.Module, structure: Structure, removed: Mapping[str, Any]) -> nnx.Module:
-  """A new module with the indices `removed[group_name]` of each group deleted.
+def compact(model: nnx.Module, plan: "oba_jax.plan.Plan",
+            structure: Structure | None = None) -> nnx.Module:
+  """A new module without the indices `plan.removed[group]` of each group.
 
   Args:
     model: the dense NNX module (left unchanged); concrete or abstract.
-    structure: `structure.trace(model, ...)` of that module.
-    removed: group name -> indices to remove (e.g. `plan.removed`).
+    plan: from `plan.select` on this model's structure (or `Plan.from_json`).
+    structure: `structure.trace(model, ...)`; defaults to the structure the plan
+      was selected on (a plan read from JSON needs it passed).
   """
-  names = {g.name for g in structure.groups}
-  unknown = sorted(set(removed) - names)
-  if unknown:
-    raise ValueError(f"groups {unknown[:3]} are not in this structure: the plan was made for "
-                     f"another model (its groups look like {sorted(names)[:2]}).")
+  structure = plan.structure if structure is None else structure
+  if structure is None:
+    raise ValueError("this plan carries no structure (it was read from JSON): pass "
+                     "structure=oba_jax.structure.trace(model, example_input).")
+  plan.check_matches(structure)
+  removed = plan.removed
   deletions: dict[tuple[str, int], set[int]] = collections.defaultdict(set)
   factors: dict[tuple[str, int, int], list[int]] = {}
   for group in structure.groups:

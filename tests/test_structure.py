@@ -1,14 +1,17 @@
 """structure.trace: each coupling rule, the cost model, flops.count and surgery.compact."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 import oba_jax
 import structure_models as sm
-from oba_jax import flops, surgery
+from oba_jax import flops, masks, plan, surgery
 from oba_jax.models import VGG, ResNetCIFAR, resnet50, vit, vit_b16
 from oba_jax.structure import UnsupportedPrimitiveError, trace
 
@@ -185,21 +188,6 @@ def test_cost_polynomial_in_group_widths():
 
 # --- compaction -----------------------------------------------------------------
 
-
-def masked(params, structure, removed):
-  """Zeroes every parameter member of the removed indices (the masked model)."""
-  flat = {oba_jax.delta.path_str(p): np.array(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-  for g in structure.groups:
-    for m in g.members:
-      if m.collection == "params" and len(removed.get(g.name, ())):
-        index = [slice(None)] * flat[m.path].ndim
-        index[m.axis] = m.indices(removed[g.name])
-        flat[m.path][tuple(index)] = 0
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x: jnp.asarray(flat[oba_jax.delta.path_str(p)]), params)
-
-
 MODELS = {
     "vgg19": (lambda: VGG(19, width=8, rngs=nnx.Rngs(0)), X32, ()),
     "resnet20": (lambda: ResNetCIFAR(20, width=8, rngs=nnx.Rngs(0)), X32, ()),
@@ -213,58 +201,71 @@ MODELS = {
 }
 
 
-def random_removal(structure, seed=0):
+def random_plan(structure, ratio=0.5, seed=0):
   rng = np.random.default_rng(seed)
-  return {g.name: np.sort(rng.choice(g.size, g.size // 2, replace=False))
-          for g in structure.groups if not g.normalized}
+  scores = {g.name: rng.random(g.size) for g in structure.groups}
+  return plan.select(structure, scores, target=plan.KeptFlops(ratio))
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_compacted_equals_masked_and_counts_match(name):
+def built(name):
   ctor, x, ignore = MODELS[name]
   model = ctor()
   model.eval()
   x = jax.random.normal(jax.random.key(1), x.shape)
-  s = trace(model, x, ignore=ignore)
-  removed = random_removal(s)
+  return model, x, trace(model, x, ignore=ignore)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_compacted_equals_masked_and_counts_match(name):
+  model, x, s = built(name)
+  chosen = random_plan(s)
   apply_fn, params = oba_jax.functional(model)
-  expected = apply_fn(masked(params, s, removed), x)
-  small = surgery.compact(model, s, removed)
+  expected = apply_fn(masks.apply_plan(params, s, chosen), x)
+  small = surgery.compact(model, chosen)
   got = small(x)
   assert float(jnp.linalg.norm(got - expected) / jnp.linalg.norm(expected)) <= 1e-5
-  kept = {g.name: g.size - len(removed.get(g.name, ())) for g in s.groups}
-  predicted, counted = s.cost(kept), flops.count(small, x)
-  assert (counted.macs, counted.params) == (predicted.macs, predicted.params)
-  assert counted.macs < s.cost().macs
+  counted = flops.count(small, x)
+  assert (counted.macs, counted.params) == (chosen.predicted.macs, chosen.predicted.params)
+  assert counted.macs <= 0.5 * s.cost().macs
 
 
 def test_compaction_leaves_the_dense_model_alone():
-  model = ResNetCIFAR(8, width=4, rngs=nnx.Rngs(0))
+  model, _, s = built("resnet20")
   before = jax.tree.map(jnp.copy, nnx.state(model))
-  s = trace(model, X32)
-  surgery.compact(model, s, random_removal(s))
+  surgery.compact(model, random_plan(s))
   assert all(jnp.array_equal(a, b) for a, b in
              zip(jax.tree.leaves(before), jax.tree.leaves(nnx.state(model))))
 
 
-def test_abstract_compaction_gives_the_shapes():
-  model = ResNetCIFAR(8, width=4, rngs=nnx.Rngs(0))
-  s = trace(model, X32)
-  removed = random_removal(s)
-  concrete = surgery.compact(model, s, removed)
-  abstract = surgery.compact(nnx.eval_shape(lambda: ResNetCIFAR(8, width=4, rngs=nnx.Rngs(0))),
-                             s, removed)
-  shapes = lambda m: jax.tree.map(lambda v: v.shape, nnx.state(m))
-  assert shapes(concrete) == shapes(abstract)
+def test_compacted_model_saves_restores_and_rebuilds_from_its_plan(tmp_path):
+  model, x, s = built("resnet20")
+  chosen = random_plan(s)
+  small = surgery.compact(model, chosen)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "small", nnx.state(small))
+  checkpointer.wait_until_finished()
+  (tmp_path / "plan.json").write_text(chosen.to_json())
+
+  # A new process knows only the dense architecture and the plan's JSON.
+  abstract = nnx.eval_shape(MODELS["resnet20"][0])
+  abstract.eval()
+  saved = plan.Plan.from_json((tmp_path / "plan.json").read_text())
+  rebuilt = surgery.compact(abstract, saved, trace(abstract, x))
+  graphdef, state = nnx.split(rebuilt)
+  restored = nnx.merge(graphdef, checkpointer.restore(tmp_path / "small", state))
+  np.testing.assert_array_equal(restored(x), small(x))
 
 
 def test_compaction_errors():
-  model = ResNetCIFAR(8, width=4, rngs=nnx.Rngs(0))
-  s = trace(model, X32)
+  model, x, s = built("resnet20")
+  other = built("resnet32")[2]
+  with pytest.raises(ValueError, match="made for another structure"):
+    surgery.compact(model, random_plan(other))
+  with pytest.raises(ValueError, match="carries no structure"):
+    surgery.compact(model, plan.Plan.from_json(random_plan(s).to_json()))
   g = s.groups[0]
-  with pytest.raises(ValueError, match="not in this structure"):
-    surgery.compact(model, s, {"conv/kernel@3": [0]})
+  everything = dataclasses.replace(
+      random_plan(s), removed={n.name: () for n in s.groups} | {g.name: tuple(range(g.size))},
+      kept_widths={n.name: n.size for n in s.groups} | {g.name: 0})
   with pytest.raises(ValueError, match=f"removes all {g.size} indices"):
-    surgery.compact(model, s, {g.name: range(g.size)})
-  with pytest.raises(ValueError, match="cannot remove"):
-    surgery.compact(model, s, {g.name: [g.size]})
+    surgery.compact(model, everything)

@@ -3,9 +3,12 @@
   structure = trace(model, example_input, ignore=("conv_proj",))
   structure.groups        # Group(name, size, members): what must be removed together
   structure.cost(kept)    # MACs and parameters for any kept widths
+  group_scores(structure, per_parameter_scores, reduction="paper")  # one score per index
 """
 
 from oba_jax.structure.groups import Cost, Group, Member, Structure, Term
+from oba_jax.structure.reduce import REDUCTIONS, group_scores
 from oba_jax.structure.tracer import UnsupportedPrimitiveError, trace
 
-__all__ = ["Cost", "Group", "Member", "Structure", "Term", "UnsupportedPrimitiveError", "trace"]
+__all__ = ["REDUCTIONS", "Cost", "Group", "Member", "Structure", "Term",
+           "UnsupportedPrimitiveError", "group_scores", "trace"]

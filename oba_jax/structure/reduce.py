@@ -7,9 +7,11 @@ Two reductions:
 - "sum": index c of a group gets the signed sum of the scores of every
   parameter entry that removing c removes (the union of its slices in every
   parameter member; an entry owned along two axes, like the diagonal of a
-  square kernel whose rows and columns are both the group, counts once). As
-  the scores are per-parameter shares of a Taylor prediction, this is the
-  predicted loss change of removing channel c alone.
+  square kernel whose rows and columns are both the group, counts once). The
+  scores split a Taylor prediction among the parameters, so this is index c's
+  signed share of the predicted loss change; for scores computed with a delta
+  that removes only c's entries, it is the prediction for removing c. Not
+  normalised: groups compare in units of loss.
 - "paper": the official OBA code's reduction (method doc §1.4, normalizer
   "max", multivariable, group reduction "mean"). The prunable members (conv and
   dense kernels and their biases, `oba_jax.delta.default_prunable`) form
@@ -54,8 +56,8 @@ def group_scores(structure: Structure, scores: PyTree, *,
     structure: the groups, e.g. from `oba_jax.structure.trace`.
     scores: one (already batch-averaged) score pytree like the parameters.
     reduction: "paper" (the official normalised reduction, comparable across
-      groups) or "sum" (the predicted loss change of removing each index alone).
-      See the module docstring for the exact definitions.
+      groups) or "sum" (each index's signed share of the predicted loss
+      change). See the module docstring for the exact definitions.
 
   Returns:
     {group name: array of shape (group.size,)}.
@@ -87,7 +89,8 @@ def member_leaves(structure: Structure, tree: PyTree, what: str) -> dict[str, An
       if m.path not in leaves:
         raise ValueError(
             f"{what} has no leaf '{m.path}' (a member of group {group.name!r}); its leaves are "
-            f"{list(leaves)[:5]} ... Pass a tree like the parameters the structure was traced from.")
+            f"{list(leaves)[:5]} ... Pass a tree like the parameters the structure was traced "
+            "from.")
       shape = jnp.shape(leaves[m.path])
       fits = (0 <= m.axis < len(shape) and m.offset + math.prod(m.factors) <= shape[m.axis]
               and m.factors[m.position] == group.size)

@@ -1,0 +1,188 @@
+"""Masks: which parameter entries a pruned model keeps, and training that keeps the rest at zero.
+
+A mask is a pytree like the parameters whose leaves are bool arrays, True where
+the entry is kept. Structured masks come from a `Plan` (`from_plan`),
+unstructured ones from per-parameter scores at a density (`global_density`,
+`layerwise_density`). `apply` zeroes the pruned entries, and `keep_pruned` wraps
+an optax optimizer so that they stay zero through fine-tuning.
+
+Masks are built by `jnp` ops on whole leaves (no Python loops over entries),
+so they can live sharded like the parameters. This module applies decisions;
+it does not make structured ones (`oba_jax.plan`) or compute scores.
+"""
+
+import collections
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from oba_jax.delta import Prunable, check_like, path_str, prunable_mask
+from oba_jax.plan import Density, Plan
+from oba_jax.structure.groups import Structure
+from oba_jax.structure.reduce import member_leaves, param_members
+from oba_jax.validate import check_finite
+
+PyTree = Any
+
+
+def from_plan(structure: Structure, plan: Plan, params: PyTree) -> PyTree:
+  """The structured mask of `plan`: False on every entry that a removed index owns.
+
+  Every parameter member of a group is masked at the removed indices (a conv's
+  output channels, its BatchNorm scale and bias, the consumers' input
+  channels), so a removed channel contributes nothing. State members (BatchNorm
+  statistics) are not parameters and get no mask.
+
+  Args:
+    structure: the structure the plan was selected on.
+    plan: from `oba_jax.plan.select`.
+    params: the parameters (or anything with their structure and shapes).
+  """
+  plan.check_matches(structure)
+  leaves = member_leaves(structure, params, "params")
+  keep = collections.defaultdict(dict)  # path -> {axis: bool vector of kept indices}
+  for group in structure.groups:
+    removed = plan.removed[group.name]
+    if not removed:
+      continue
+    for m in param_members(group):
+      size = jnp.shape(leaves[m.path])[m.axis]
+      keep[m.path].setdefault(m.axis, np.ones(size, bool))[m.indices(removed)] = False
+
+  def leaf_mask(path, leaf):
+    shape = jnp.shape(leaf)
+    mask = jnp.ones(shape, bool)
+    for axis, kept in keep.get(path_str(path), {}).items():
+      mask &= jnp.asarray(kept).reshape([-1 if a == axis else 1 for a in range(len(shape))])
+    return mask
+
+  return jax.tree_util.tree_map_with_path(leaf_mask, params)
+
+
+def apply(params: PyTree, mask: PyTree) -> PyTree:
+  """`params` with every entry where `mask` is False set to 0 (a mask leaf may be a scalar)."""
+  check_like(mask, params, "mask", scalar_leaves_ok=True)
+  return _zero_pruned(params, mask)
+
+
+def apply_plan(params: PyTree, structure: Structure, plan: Plan) -> PyTree:
+  """`params` with everything `plan` removes set to 0."""
+  return apply(params, from_plan(structure, plan, params))
+
+
+def _zero_pruned(tree: PyTree, mask: PyTree) -> PyTree:
+  return jax.tree.map(lambda x, keep: jnp.where(keep, x, jnp.zeros_like(x)), tree, mask)
+
+
+def global_density(scores: PyTree, density: float | Density, *,
+                   prunable: Prunable | None = None) -> PyTree:
+  """Keeps the `density` fraction of all prunable entries with the largest |score|.
+
+  One ranking over every prunable entry of every leaf; exactly
+  round(density * #prunable) entries are kept (halves round up), ties going to
+  the entry earlier in leaf order, then row-major order. Entries that are not
+  prunable are kept and not counted. The threshold comes from sorting the
+  concatenated scores, which gathers them on one device; a bisection on the
+  threshold with sharded counts would avoid that.
+
+  Args:
+    scores: per-parameter scores (e.g. from `oba_jax.scores`).
+    density: the kept fraction, in (0, 1], or a `Density`.
+    prunable: which entries compete: None (conv/dense kernels and biases), a
+      predicate `(path, leaf) -> bool`, or a pytree of bools (see `oba_jax.delta`).
+  """
+  density = _density(density)
+  flags = _prunable_flags(scores, prunable)
+  check_finite(scores, "scores")
+  leaves, treedef = jax.tree.flatten(scores)
+  kept = _keep_largest(jnp.concatenate([jnp.ravel(s) for s in leaves]),
+                       jnp.concatenate([jnp.ravel(f) for f in flags]), density)
+  pieces = jnp.split(kept, np.cumsum([np.size(s) for s in leaves])[:-1])
+  return treedef.unflatten([p.reshape(jnp.shape(s)) for p, s in zip(pieces, leaves)])
+
+
+def layerwise_density(scores: PyTree, density: float | Density, *,
+                      prunable: Prunable | None = None) -> PyTree:
+  """Keeps the `density` fraction of every leaf's prunable entries with the largest |score|.
+
+  The same rule as `global_density` (exact counts, deterministic ties), applied
+  to each leaf on its own.
+  """
+  density = _density(density)
+  flags = _prunable_flags(scores, prunable)
+  check_finite(scores, "scores")
+  leaves, treedef = jax.tree.flatten(scores)
+  return treedef.unflatten([
+      _keep_largest(jnp.ravel(s), jnp.ravel(f), density).reshape(jnp.shape(s))
+      for s, f in zip(leaves, flags)])
+
+
+def _density(density: float | Density) -> float:
+  return (density if isinstance(density, Density) else Density(density)).density
+
+
+def _prunable_flags(tree: PyTree, prunable: Prunable | None) -> list[jax.Array]:
+  """Per leaf of `tree`, a bool array of its shape: True on the prunable entries."""
+  flags = jax.tree.leaves(prunable_mask(tree, prunable))
+  return [jnp.broadcast_to(jnp.asarray(f, bool), jnp.shape(x))
+          for x, f in zip(jax.tree.leaves(tree), flags)]
+
+
+def _keep_largest(scores: jax.Array, prunable: jax.Array, density: float) -> jax.Array:
+  """A flat mask keeping round(density * n) of the n prunable entries by |score|, and the rest."""
+  kept = math.floor(density * int(jnp.sum(prunable)) + 0.5)
+  priority = jnp.where(prunable, jnp.abs(scores), -1)  # scores >= 0 rank before the others
+  order = jnp.argsort(priority, descending=True, stable=True)
+  return jnp.zeros(scores.shape, bool).at[order[:kept]].set(True) | ~prunable
+
+
+def keep_pruned(tx: optax.GradientTransformation,
+                mask: PyTree) -> optax.GradientTransformationExtraArgs:
+  """Wraps `tx` so that entries where `mask` is False never move.
+
+  Gradients are zeroed at pruned entries before `tx` (so momentum and other
+  statistics stay zero there) and updates after it (so weight decay or any other
+  term cannot move them). With params masked by `apply`, pruned entries stay
+  exactly 0 through training. The state is `tx`'s own.
+  """
+  tx = optax.with_extra_args_support(tx)
+
+  def init_fn(params):
+    check_like(mask, params, "mask", scalar_leaves_ok=True)
+    return tx.init(params)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    updates, state = tx.update(_zero_pruned(updates, mask), state, params, **extra_args)
+    return _zero_pruned(updates, mask), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sparsity:
+  """Fractions of zero (for masks: False) entries among the prunable entries."""
+
+  total: float
+  per_leaf: Mapping[str, float]  # leaves with prunable entries only
+
+
+def sparsity(tree: PyTree, *, prunable: Prunable | None = None) -> Sparsity:
+  """How much of `tree` (parameters or a mask) is pruned, overall and per leaf.
+
+  `prunable` selects the entries counted, as in `global_density`.
+  """
+  per_leaf, zeros, count = {}, 0, 0
+  flags = _prunable_flags(tree, prunable)
+  for (path, leaf), flag in zip(jax.tree_util.tree_flatten_with_path(tree)[0], flags):
+    n = int(jnp.sum(flag))
+    if n:
+      z = int(jnp.sum((jnp.asarray(leaf) == 0) & flag))
+      per_leaf[path_str(path)] = z / n
+      zeros, count = zeros + z, count + n
+  return Sparsity(total=zeros / count if count else 0.0, per_leaf=per_leaf)
