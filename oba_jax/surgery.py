@@ -57,6 +57,8 @@ def compact(model: nnx.Module, plan: "oba_jax.plan.Plan",
     raise ValueError("this plan carries no structure (it was read from JSON): pass "
                      "structure=oba_jax.structure.trace(model, example_input).")
   plan.check_matches(structure)
+  structure.check_model_leaves({"/".join(map(str, path)): np.shape(v.get_value())
+                                for path, v in nnx.to_flat_state(nnx.state(model))})
   removed = plan.removed
   deletions: dict[tuple[str, int], set[int]] = collections.defaultdict(set)
   factors: dict[tuple[str, int, int], list[int]] = {}

@@ -259,8 +259,10 @@ def test_compacted_model_saves_restores_and_rebuilds_from_its_plan(tmp_path):
 def test_compaction_errors():
   model, x, s = built("resnet20")
   other = built("resnet32")[2]
-  with pytest.raises(ValueError, match="made for another structure"):
+  with pytest.raises(ValueError, match="belongs to another model"):
     surgery.compact(model, random_plan(other))
+  with pytest.raises(ValueError, match="made for another structure"):
+    surgery.compact(model, random_plan(other), s)
   with pytest.raises(ValueError, match="carries no structure"):
     surgery.compact(model, plan.Plan.from_json(random_plan(s).to_json()))
   g = s.groups[0]

@@ -93,6 +93,17 @@ class Structure:
   groups: tuple[Group, ...]
   mac_terms: tuple[Term, ...]
   param_terms: tuple[Term, ...]
+  leaf_shapes: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+
+  def check_model_leaves(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Raises ValueError unless a model's leaves (path -> shape) are the traced ones."""
+    for path, traced in self.leaf_shapes.items():
+      if path not in shapes:
+        raise ValueError(f"the model has no leaf {path!r}, which the structure was traced with: "
+                         "the structure (or plan) belongs to another model.")
+      if tuple(shapes[path]) != tuple(traced):
+        raise ValueError(f"the model's {path!r} has shape {tuple(shapes[path])}, the structure "
+                         f"traced {tuple(traced)}: it belongs to another model.")
 
   def group(self, name: str) -> Group:
     for g in self.groups:

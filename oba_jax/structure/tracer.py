@@ -682,7 +682,8 @@ def trace(model: nnx.Module | Callable, *example_inputs, ignore: Sequence[str] =
   param_terms = [t for var, layout in zip(invars, in_layouts)
                  if var in leaves and leaves[var][1] == "params"
                  for t in _terms(leaves[var][0], _polynomial(atoms, layout, names))]
-  return Structure(structure_groups, tuple(mac_terms), tuple(param_terms))
+  leaf_shapes = {path_str(path): tuple(np.shape(leaf)) for path, leaf in flat_params + flat_state}
+  return Structure(structure_groups, tuple(mac_terms), tuple(param_terms), leaf_shapes)
 
 
 def _group_name(ms: Sequence[Member], closed, leaves) -> str:
