@@ -60,7 +60,7 @@ def main():
   models = {"dense": model}
   for ratio in (float(r) for r in args.targets.split(",")):
     chosen = plan.select(structure, scores, target=plan.KeptFlops(ratio), round_to=args.round_to)
-    models[f"kept {ratio}"] = surgery.compact(model, structure, chosen.removed)
+    models[f"kept {ratio}"] = surgery.compact(model, chosen)
 
   forwards = {}
   for name, m in models.items():
