@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from oba_jax.delta import Prunable, check_like, path_str, prunable_mask
 from oba_jax.plan import Density, Plan
@@ -65,10 +66,24 @@ def from_plan(structure: Structure, plan: Plan, params: PyTree) -> PyTree:
   return jax.tree_util.tree_map_with_path(leaf_mask, params)
 
 
-def apply(params: PyTree, mask: PyTree) -> PyTree:
-  """`params` with every entry where `mask` is False set to 0 (a mask leaf may be a scalar)."""
-  check_like(mask, params, "mask", scalar_leaves_ok=True)
-  return _zero_pruned(params, mask)
+def apply(params_or_model: PyTree | nnx.Module, mask_or_plan: PyTree | Plan) -> Any:
+  """Zeroes what a mask (False entries) or a plan removes; shapes stay the same.
+
+  `params_or_model` is a parameter pytree, or an NNX module, for which a new
+  masked module is returned (the original is left alone). A plan must carry its
+  structure (`plan.select` attaches it); otherwise use `apply_plan`.
+  """
+  if isinstance(params_or_model, nnx.Module):
+    graphdef, params, rest = nnx.split(params_or_model, nnx.Param, ...)
+    masked = apply(nnx.to_pure_dict(params), mask_or_plan)
+    return nnx.merge(graphdef, nnx.State(masked), rest, copy=True)
+  if isinstance(mask_or_plan, Plan):
+    if mask_or_plan.structure is None:
+      raise ValueError("this plan carries no structure (it was read from JSON); use "
+                       "masks.apply_plan(params, structure, plan).")
+    return apply_plan(params_or_model, mask_or_plan.structure, mask_or_plan)
+  check_like(mask_or_plan, params_or_model, "mask", scalar_leaves_ok=True)
+  return _zero_pruned(params_or_model, mask_or_plan)
 
 
 def apply_plan(params: PyTree, structure: Structure, plan: Plan) -> PyTree:

@@ -224,6 +224,7 @@ def test_compacted_equals_masked_and_counts_match(name):
   small = surgery.compact(model, chosen)
   got = small(x)
   assert float(jnp.linalg.norm(got - expected) / jnp.linalg.norm(expected)) <= 1e-5
+  np.testing.assert_array_equal(masks.apply(model, chosen)(x), expected)
   counted = flops.count(small, x)
   assert (counted.macs, counted.params) == (chosen.predicted.macs, chosen.predicted.params)
   assert counted.macs <= 0.5 * s.cost().macs
@@ -271,3 +272,16 @@ def test_compaction_errors():
       kept_widths={n.name: n.size for n in s.groups} | {g.name: 0})
   with pytest.raises(ValueError, match=f"removes all {g.size} indices"):
     surgery.compact(model, everything)
+
+
+def test_oba_scores_to_a_compacted_model():
+  model, x, s = built("resnet20")
+  apply_fn, params = oba_jax.functional(model)
+  objective = oba_jax.classification(apply_fn)
+  batch = {"image": x, "label": jnp.arange(x.shape[0]) % 10}
+  per_parameter = oba_jax.scores.oba(objective.loss, params, batch)
+  chosen = plan.select(s, oba_jax.structure.group_scores(s, per_parameter),
+                       target=plan.KeptParams(0.6))
+  small = surgery.compact(model, chosen)
+  assert flops.count(small, x).params <= 0.6 * s.cost().params
+  np.testing.assert_allclose(small(x), masks.apply(model, chosen)(x), rtol=1e-5, atol=1e-6)
