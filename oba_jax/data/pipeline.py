@@ -11,7 +11,6 @@ import numpy as np
 from oba_jax.data import datasets
 from oba_jax.data import transforms
 
-
 # Threads that prepare whole batches ahead of the training loop. A small buffer
 # bounds memory (a batch of 128 ImageNet images is 77 MB); more threads do not
 # help here, as the per-example work in Python holds the GIL.
@@ -20,121 +19,146 @@ DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    """What a model and a training loop need to know about a dataset split.
+  """What a model and a training loop need to know about a dataset split.
 
-    Attributes:
-      num_examples: examples in the split, over all hosts.
-      num_classes: number of labels.
-      image_shape: (height, width, channels) of the images in the batches.
-    """
-    num_examples: int
-    num_classes: int
-    image_shape: tuple[int, int, int]
+  Attributes:
+    num_examples: examples in the split, over all hosts.
+    num_classes: number of labels.
+    image_shape: (height, width, channels) of the images in the batches.
+  """
 
-
-def dataset_info(name: str, split: str, *, data_dir: datasets.PathLike | None = None,
-                 manual_dir: datasets.PathLike | None = None) -> DatasetInfo:
-    """Describes split `split` of dataset `name`, preparing it first if needed, as
-    `load` does (see `load` for the arguments)."""
-    spec = datasets.get_spec(name)
-    source = _open_source(spec, split, data_dir, manual_dir)
-    return DatasetInfo(len(source), spec.num_classes, spec.image_shape)
+  num_examples: int
+  num_classes: int
+  image_shape: tuple[int, int, int]
 
 
-def load(name: str, split: str, *, batch_size: int, train: bool, seed: int = 0,
-         data_dir: datasets.PathLike | None = None,
-         manual_dir: datasets.PathLike | None = None,
-         augment: bool | None = None, num_epochs: int | None = None,
-         shard_index: int | None = None, shard_count: int | None = None,
-         read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:
-    """Returns an iterator over batches `{"image": float32 NHWC, "label": int32 N}`.
+def dataset_info(
+    name: str,
+    split: str,
+    *,
+    data_dir: datasets.PathLike | None = None,
+    manual_dir: datasets.PathLike | None = None,
+) -> DatasetInfo:
+  """Describes split `split` of dataset `name`, preparing it first if needed, as
+  `load` does (see `load` for the arguments)."""
+  spec = datasets.get_spec(name)
+  source = _open_source(spec, split, data_dir, manual_dir)
+  return DatasetInfo(len(source), spec.num_classes, spec.image_shape)
 
-    Training iterators shuffle each epoch differently (deterministically from `seed`),
-    repeat for `num_epochs` (forever if None) and drop the last partial batch.
-    Evaluation iterators read the split once, in order, keeping a final partial batch.
 
-    Each host reads its own shard: every `shard_count`-th example of the (shuffled,
-    augmented) stream, starting at `shard_index`, so hosts see disjoint examples and
-    together the whole split; the defaults are `jax.process_index()` and
-    `jax.process_count()`. When training, all hosts get the same number of batches;
-    when evaluating, a host may get one example fewer than another. An example's
-    augmentation depends only on `seed` and its position in the stream, not on the
-    sharding.
+def load(
+    name: str,
+    split: str,
+    *,
+    batch_size: int,
+    train: bool,
+    seed: int = 0,
+    data_dir: datasets.PathLike | None = None,
+    manual_dir: datasets.PathLike | None = None,
+    augment: bool | None = None,
+    num_epochs: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    read_options: grain.ReadOptions | None = None,
+) -> grain.DatasetIterator:
+  """Returns an iterator over batches `{"image": float32 NHWC, "label": int32 N}`.
 
-    The iterator's `get_state()` / `set_state(state)` checkpoint and resume it
-    exactly (also with orbax, through `grain.checkpoint.CheckpointSave`).
+  Training iterators shuffle each epoch differently (deterministically from `seed`),
+  repeat for `num_epochs` (forever if None) and drop the last partial batch.
+  Evaluation iterators read the split once, in order, keeping a final partial batch.
 
-    Args:
-      name: one of `datasets.DATASETS`.
-      split: a TFDS split, e.g. "train", "test" or "train[:90%]".
-      batch_size: examples per batch on this host.
-      train: whether to shuffle, repeat and drop the remainder.
-      seed: seed of the shuffle and of the augmentation.
-      data_dir: TFDS data directory (default: TFDS's, `~/tensorflow_datasets`).
-      manual_dir: where the source files are if the dataset must be prepared
-        (ImageNet tar files; Fashion-MNIST IDX files, see `fashion_mnist.find_idx_dir`).
-      augment: whether to augment the images (default: the dataset's default when
-        training, no when evaluating).
-      num_epochs: epochs to read when training; None repeats forever.
-      shard_index, shard_count: this host's shard and the number of shards.
-      read_options: grain's threading and prefetching of batches.
-    """
-    spec = datasets.get_spec(name)
-    shard_index = jax.process_index() if shard_index is None else shard_index
-    shard_count = jax.process_count() if shard_count is None else shard_count
-    _check_arguments(batch_size=batch_size, train=train, seed=seed, num_epochs=num_epochs,
-                     shard_index=shard_index, shard_count=shard_count)
-    source = _open_source(spec, split, data_dir, manual_dir)
+  Each host reads its own shard: every `shard_count`-th example of the (shuffled,
+  augmented) stream, starting at `shard_index`, so hosts see disjoint examples and
+  together the whole split; the defaults are `jax.process_index()` and
+  `jax.process_count()`. When training, all hosts get the same number of batches;
+  when evaluating, a host may get one example fewer than another. An example's
+  augmentation depends only on `seed` and its position in the stream, not on the
+  sharding.
 
-    ds = grain.MapDataset.source(source).seed(seed)
-    if train:
-        ds = ds.shuffle().repeat(num_epochs)
-    if augment is None:
-        augment = train and spec.augment_by_default
-    if augment:
-        ds = ds.random_map(functools.partial(_map_image, steps=spec.augment))
-    else:
-        ds = ds.map(functools.partial(_map_image, steps=spec.eval_transforms))
-    ds = ds.map(functools.partial(_to_model_input, mean=spec.mean, std=spec.std))
-    if train:  # Drops the last partial global batch: all hosts take the same steps.
-        ds = ds[:len(ds) - len(ds) % (batch_size * shard_count)]
-    ds = ds[shard_index::shard_count].batch(batch_size, drop_remainder=train)
-    return iter(ds.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS))
+  The iterator's `get_state()` / `set_state(state)` checkpoint and resume it
+  exactly (also with orbax, through `grain.checkpoint.CheckpointSave`).
+
+  Args:
+    name: one of `datasets.DATASETS`.
+    split: a TFDS split, e.g. "train", "test" or "train[:90%]".
+    batch_size: examples per batch on this host.
+    train: whether to shuffle, repeat and drop the remainder.
+    seed: seed of the shuffle and of the augmentation.
+    data_dir: TFDS data directory (default: TFDS's, `~/tensorflow_datasets`).
+    manual_dir: where the source files are if the dataset must be prepared
+      (ImageNet tar files; Fashion-MNIST IDX files, see `fashion_mnist.find_idx_dir`).
+    augment: whether to augment the images (default: the dataset's default when
+      training, no when evaluating).
+    num_epochs: epochs to read when training; None repeats forever.
+    shard_index, shard_count: this host's shard and the number of shards.
+    read_options: grain's threading and prefetching of batches.
+  """
+  spec = datasets.get_spec(name)
+  shard_index = jax.process_index() if shard_index is None else shard_index
+  shard_count = jax.process_count() if shard_count is None else shard_count
+  _check_arguments(
+      batch_size=batch_size,
+      train=train,
+      seed=seed,
+      num_epochs=num_epochs,
+      shard_index=shard_index,
+      shard_count=shard_count,
+  )
+  source = _open_source(spec, split, data_dir, manual_dir)
+
+  ds = grain.MapDataset.source(source).seed(seed)
+  if train:
+    ds = ds.shuffle().repeat(num_epochs)
+  if augment is None:
+    augment = train and spec.augment_by_default
+  if augment:
+    ds = ds.random_map(functools.partial(_map_image, steps=spec.augment))
+  else:
+    ds = ds.map(functools.partial(_map_image, steps=spec.eval_transforms))
+  ds = ds.map(functools.partial(_to_model_input, mean=spec.mean, std=spec.std))
+  if train:  # Drops the last partial global batch: all hosts take the same steps.
+    ds = ds[: len(ds) - len(ds) % (batch_size * shard_count)]
+  ds = ds[shard_index::shard_count].batch(batch_size, drop_remainder=train)
+  return iter(ds.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS))
 
 
 def _check_arguments(*, batch_size, train, seed, num_epochs, shard_index, shard_count):
-    """Raises `ValueError` naming the first argument out of its accepted range."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be a positive integer.")
-    if not 0 <= seed < 2**32:
-        raise ValueError(f"seed={seed} must be in [0, 2**32).")
-    if num_epochs is not None and not train:
-        raise ValueError(f"num_epochs={num_epochs} applies to training only; "
-                         "evaluation reads the split once.")
-    if num_epochs is not None and num_epochs < 1:
-        raise ValueError(f"num_epochs={num_epochs} must be a positive integer, "
-                         "or None to repeat forever.")
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count}).")
+  """Raises `ValueError` naming the first argument out of its accepted range."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be a positive integer.")
+  if not 0 <= seed < 2**32:
+    raise ValueError(f"seed={seed} must be in [0, 2**32).")
+  if num_epochs is not None and not train:
+    raise ValueError(
+        f"num_epochs={num_epochs} applies to training only; " "evaluation reads the split once."
+    )
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(
+        f"num_epochs={num_epochs} must be a positive integer, " "or None to repeat forever."
+    )
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count}).")
 
 
 def _open_source(spec, split, data_dir, manual_dir):
-    """Checks that the given directories exist before opening the source."""
-    for argument, path in (("data_dir", data_dir), ("manual_dir", manual_dir)):
-        if path is not None and not os.path.isdir(path):
-            raise FileNotFoundError(f"{argument} {os.fspath(path)!r} is not a directory.")
-    return spec.source(split, data_dir, manual_dir)
+  """Checks that the given directories exist before opening the source."""
+  for argument, path in (("data_dir", data_dir), ("manual_dir", manual_dir)):
+    if path is not None and not os.path.isdir(path):
+      raise FileNotFoundError(f"{argument} {os.fspath(path)!r} is not a directory.")
+  return spec.source(split, data_dir, manual_dir)
 
 
 def _map_image(example: dict, *rng: np.random.Generator, steps) -> dict:
-    """Applies `steps` in order to the example's image, passing them `rng` if given."""
-    image = example["image"]
-    for step in steps:
-        image = step(image, *rng)
-    return {**example, "image": image}
+  """Applies `steps` in order to the example's image, passing them `rng` if given."""
+  image = example["image"]
+  for step in steps:
+    image = step(image, *rng)
+  return {**example, "image": image}
 
 
 def _to_model_input(example: dict, mean, std) -> dict:
-    """Keeps the image, normalised to float32, and the label as int32."""
-    return {"image": transforms.normalize(example["image"], mean, std),
-            "label": np.int32(example["label"])}
+  """Keeps the image, normalised to float32, and the label as int32."""
+  return {
+      "image": transforms.normalize(example["image"], mean, std),
+      "label": np.int32(example["label"]),
+  }
