@@ -55,3 +55,11 @@ def test_functional_train_mode_is_pure():
   jax.grad(lambda p: apply_fn(p, x).sum())(params)
   after = nnx.state(model, nnx.BatchStat)
   assert all(jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+
+
+def test_models_by_name():
+  from oba_jax import models
+  model = models.create("resnet8_cifar", width=2, in_channels=1, num_classes=3)
+  assert isinstance(model, ResNetCIFAR)
+  with pytest.raises(ValueError, match=r"unknown model 'resnet18'; accepted: \["):
+    models.create("resnet18")
