@@ -11,12 +11,13 @@ Modules, one concept each:
   plan        targets (KeptFlops, KeptParams, Density), global/local selection, schedules
   masks       structured and unstructured masks, the keep_pruned optax wrapper
   surgery     physical compaction into a smaller NNX module
+  prune       the pruning pipelines: criteria by name, one_shot, iterative, unstructured
   models      the paper's networks in Flax NNX
   weights     torchvision/timm state dicts into and out of the ImageNet models
 """
 
-from oba_jax import (curvature, delta, estimate, flops, masks, models, plan, scores, structure,
-                     surgery, weights)
+from oba_jax import (curvature, delta, estimate, flops, masks, models, plan, prune, scores,
+                     structure, surgery, weights)
 from oba_jax.functional import Objective, classification, functional, softmax_cross_entropy
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "masks",
     "models",
     "plan",
+    "prune",
     "scores",
     "softmax_cross_entropy",
     "structure",
