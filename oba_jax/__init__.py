@@ -12,12 +12,13 @@ Modules, one concept each:
   masks       structured and unstructured masks, the keep_pruned optax wrapper
   surgery     physical compaction into a smaller NNX module
   prune       the pruning pipelines: criteria by name, one_shot, iterative, unstructured
+  train       fine-tuning and evaluation: TrainConfig, finetune (resumable), evaluate
   models      the paper's networks in Flax NNX
   weights     torchvision/timm state dicts into and out of the ImageNet models
 """
 
 from oba_jax import (curvature, delta, estimate, flops, masks, models, plan, prune, scores,
-                     structure, surgery, weights)
+                     structure, surgery, train, weights)
 from oba_jax.functional import Objective, classification, functional, softmax_cross_entropy
 
 __version__ = "0.1.0"
@@ -38,5 +39,6 @@ __all__ = [
     "softmax_cross_entropy",
     "structure",
     "surgery",
+    "train",
     "weights",
 ]
