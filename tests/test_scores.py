@@ -6,7 +6,6 @@ import math
 import flax.linen as linen
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree

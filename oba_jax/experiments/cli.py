@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ml_collections
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from oba_jax.runtime import enable_compilation_cache
@@ -76,6 +76,7 @@ def main(get_config: Callable[[], ml_collections.ConfigDict],
   def _main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     enable_compilation_cache()
     run(flags.FLAGS.config, flags.FLAGS.workdir)
 

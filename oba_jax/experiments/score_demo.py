@@ -20,43 +20,13 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 
 import oba_jax
-from oba_jax import data, scores
+from oba_jax import data, scores, train
 from oba_jax.delta import prunable_mask
 from oba_jax.models import ResNetCIFAR
 from oba_jax.runtime import enable_compilation_cache
-
-
-def train(model, steps: int, batch_size: int, seed: int):
-  """A short SGD-momentum run; returns the trained parameters."""
-  model.train()
-  apply_fn, params = oba_jax.functional(model)
-  graphdef, _, stats = nnx.split(model, nnx.Param, ...)
-  tx = optax.sgd(optax.cosine_decay_schedule(0.1, steps), momentum=0.9)
-  opt_state = tx.init(params)
-
-  @jax.jit
-  def step(params, stats, opt_state, batch):
-    def loss_fn(p):
-      m = nnx.merge(graphdef, nnx.State(p), stats, copy=True)
-      loss = oba_jax.softmax_cross_entropy(m(batch["image"]), batch["label"])
-      return loss, nnx.state(m, nnx.BatchStat)
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), stats, opt_state, loss
-
-  batches = data.load("fashion_mnist", "train", batch_size=batch_size, train=True, seed=seed)
-  for i, batch in zip(range(steps), batches):
-    params, stats, opt_state, loss = step(params, stats, opt_state, batch)
-    if (i + 1) % 100 == 0:
-      print(f"  train step {i + 1}/{steps}: loss {float(loss):.3f}", flush=True)
-  nnx.update(model, nnx.State(params), stats)
-  model.eval()
-  return model
 
 
 def evaluate(apply_fn, params, test_batches) -> tuple[float, float]:
@@ -112,20 +82,15 @@ def main(argv=None):
   enable_compilation_cache()
   os.makedirs(args.workdir, exist_ok=True)
 
-  model = ResNetCIFAR(8, width=16, in_channels=1, rngs=nnx.Rngs(args.seed))
-  checkpoint = os.path.abspath(
-      os.path.join(args.workdir, f"dense_seed{args.seed}_steps{args.train_steps}"))
-  checkpointer = ocp.StandardCheckpointer()
-  if os.path.exists(checkpoint):
-    print(f"reusing the dense model in {checkpoint}")
-    nnx.update(model, checkpointer.restore(checkpoint, nnx.state(model)))
-    model.eval()
-  else:
-    print(f"training a dense wide ResNet-8 for {args.train_steps} steps ...", flush=True)
-    train(model, args.train_steps, args.batch_size, args.seed)
-    checkpointer.save(checkpoint, nnx.state(model))  # orbax writes atomically
-    checkpointer.wait_until_finished()
-
+  print(f"training (or reusing) a dense wide ResNet-8 for {args.train_steps} steps ...",
+        flush=True)
+  model, _ = train.finetune(
+      ResNetCIFAR(8, width=16, in_channels=1, rngs=nnx.Rngs(args.seed)),
+      data.load("fashion_mnist", "train", batch_size=args.batch_size, train=True,
+                seed=args.seed),
+      train.TrainConfig(steps=args.train_steps, batch_size=args.batch_size, learning_rate=0.1,
+                        weight_decay=0.0, schedule="cosine", seed=args.seed),
+      workdir=os.path.join(args.workdir, f"dense_seed{args.seed}_steps{args.train_steps}"))
   apply_fn, params = oba_jax.functional(model)  # inference-mode BatchNorm
   objective = oba_jax.classification(apply_fn)
   test = list(data.load("fashion_mnist", "test", batch_size=1000, train=False))

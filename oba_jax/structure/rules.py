@@ -9,7 +9,6 @@ of them touched a prunable group.
 """
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
