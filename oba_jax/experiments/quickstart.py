@@ -13,15 +13,13 @@ Needs Fashion-MNIST (Debian: `apt-get install dataset-fashion-mnist`).
 """
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from oba_jax import data, flops, masks, models, plan, prune, surgery, train
-from oba_jax.experiments import cli
+from oba_jax import data, masks, models, plan, prune, surgery, train
+from oba_jax.experiments import cli, pipeline
 from oba_jax.functional import functional
 
 
@@ -85,7 +83,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       workdir=os.path.join(workdir, "dense"), progress=config.progress)
   example = test[0]["image"][:1]
   timing_input = jnp.asarray(test[0]["image"][:config.timing_batch])
-  dense_row = {"criterion": "dense", **_measure(dense, dense, test, example, timing_input)}
+  dense_row = {"criterion": "dense",
+               **pipeline.measure(dense, dense, lambda: test, example, timing_input)}
   rows = [dense_row]
 
   for criterion in criteria:
@@ -107,8 +106,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         extra_state={"plan": result.plan.to_json()}, progress=config.progress)
     compacted = surgery.compact(tuned, result.plan)
     row = {"criterion": criterion, "accuracy_after_pruning": pruned_accuracy,
-           **_measure(tuned, compacted, test, example, timing_input),
-           "max_abs_pruned_weight": _max_pruned(functional(tuned)[1], mask)}
+           **pipeline.measure(tuned, compacted, lambda: test, example, timing_input),
+           "max_abs_pruned_weight": pipeline.max_abs_pruned(functional(tuned)[1], mask)}
     row["kept_macs"] = row["macs"] / dense_row["macs"]
     row["kept_params"] = row["params"] / dense_row["params"]
     row["speedup"] = dense_row["inference_seconds"] / row["inference_seconds"]
@@ -120,35 +119,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   print(_table(rows, config.target))
   print(f"\nwrote {os.path.join(workdir, 'results.json')}")
   return results
-
-
-def _measure(masked_model, compacted, test, example, timing_input) -> dict:
-  """Accuracy of the masked and compacted models, counts and inference time of the compacted."""
-  masked_eval = train.evaluate(masked_model, test)
-  compacted_eval = train.evaluate(compacted, test)
-  count = flops.count(compacted, example)
-  return {"accuracy": masked_eval["accuracy"], "loss": masked_eval["loss"],
-          "compacted_accuracy": compacted_eval["accuracy"], "macs": count.macs,
-          "params": count.params, "inference_seconds": _inference_seconds(compacted, timing_input)}
-
-
-def _inference_seconds(model, x, reps: int = 5) -> float:
-  """Median time of a jitted forward pass."""
-  forward = jax.jit(lambda x: model(x))
-  jax.block_until_ready(forward(x))
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(forward(x))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
-def _max_pruned(params, mask) -> float:
-  """The largest |weight| among the pruned entries (0.0 when masking holds)."""
-  values = [jnp.max(jnp.abs(jnp.where(m, 0.0, p)), initial=0.0)
-            for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask))]
-  return float(max(values, default=0.0))
 
 
 def _table(rows, target) -> str:

@@ -1,0 +1,390 @@
+"""The run shared by the paper's experiment CLIs: dense model, pruning, fine-tuning, results.
+
+  data -> dense model -> for each criterion and target: prune -> fine-tune -> evaluate
+       -> results.json (+ accuracy.png with more than one target)
+
+The dense model is trained in `workdir/dense` (the `config.dense` recipe), or read
+from `config.init.weights` (a torchvision / timm state dict) or from
+`config.init.checkpoint` (the work directory of a `train.finetune` run, e.g. another
+run's `dense`). `config.mode` picks the pruning pipeline of `oba_jax.prune`:
+
+- "one_shot": every target starts again from the dense model (method notes §4.3);
+- "iterative": decreasing targets, each pruned from the previous fine-tuned model (§4.4);
+- "unstructured": a density sweep of single-weight masks (§4.5); `targets` are densities.
+
+Each fine-tune checkpoints into `workdir/<criterion>/<target>`, so a killed run
+resumes; pruning is deterministic and is recomputed. Every CLI module holds
+`get_config()` (this module's `base_config()` with the paper's numbers) and
+ends with `cli.main(get_config, pipeline.run)`.
+"""
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from matplotlib import figure
+
+from oba_jax import data, flops, masks, models, prune, surgery, train, weights
+from oba_jax.experiments import cli
+from oba_jax.delta import path_str
+from oba_jax.functional import functional
+
+MODES = ("one_shot", "iterative", "unstructured")
+RESULTS_FILE = "results.json"
+PLOT_FILE = "accuracy.png"
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The settings every CLI shares; the paper's CIFAR recipes (method notes §4.2, §4.3)."""
+  c = ml_collections.ConfigDict()
+  c.dataset = "cifar10"
+  c.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.train_split = "train"
+  c.test_split = "test"
+  c.model = "vgg19_cifar"  # a name in oba_jax.models.MODELS
+  c.model_kwargs = ml_collections.ConfigDict()  # more models.create arguments, e.g. width
+  c.seed = 0
+  c.init = ml_collections.ConfigDict()
+  c.init.weights = ml_collections.FieldReference(None, field_type=str)  # .pth / .safetensors
+  c.init.format = "torchvision"  # or "timm" (ViT)
+  c.init.checkpoint = ml_collections.FieldReference(None, field_type=str)  # a finetune workdir
+  # Dense pre-training when no init is given: SGD lr 0.1, wd 5e-4, 200 epochs, x0.1 at
+  # epochs 60/100/150, batch 64 (§4.2). epochs=0 means: a model must come from `init`.
+  c.dense = _training(epochs=200, learning_rate=0.1, weight_decay=5e-4,
+                      milestones=(60 / 200, 100 / 200, 150 / 200))
+  c.mode = "one_shot"  # one of MODES
+  c.criteria = "oba,magnitude,taylor"  # names in oba_jax.prune.CRITERIA
+  c.targets = (0.14,)  # kept FLOPs (structured) or density (unstructured), each in (0, 1]
+  c.prune = ml_collections.ConfigDict()
+  c.prune.steps = 50  # S (§4.3)
+  c.prune.schedule = "exponential"  # a name in oba_jax.prune.SCHEDULES
+  c.prune.importance_batches = 200  # batches of importance per step (§4.3)
+  c.prune.importance_batch_size = 64
+  c.prune.augment = True  # training augmentation on the importance batches (§4.3)
+  c.prune.max_ratio = 0.95  # at most 95% of a group removed (§4.1)
+  c.prune.round_to = ml_collections.FieldReference(None, field_type=int)
+  c.prune.ignore = ()  # parameter path prefixes never pruned, e.g. ("conv_proj",)
+  c.prune.steps_per_density = 1  # unstructured steps from one density to the next
+  # Fine-tuning after pruning: SGD lr 1e-3, wd 1e-4, 150 epochs, x0.1 at 80/120, batch 64 (§4.3).
+  c.finetune = _training(epochs=150, learning_rate=1e-3, weight_decay=1e-4,
+                         milestones=(80 / 150, 120 / 150))
+  c.finetune.enabled = True
+  c.eval_batch_size = 500
+  c.timing_batch = 64  # the batch of the measured inference time
+  c.progress = True
+  c.smoke = False  # a tiny run for tests: `smoke_model_kwargs`, a few steps and examples
+  c.smoke_model_kwargs = ml_collections.ConfigDict()
+  return c
+
+
+def imagenet_config() -> ml_collections.ConfigDict:
+  """The paper's ImageNet pruning and fine-tuning of torchvision models (method notes §4.6)."""
+  c = base_config()
+  c.dataset = "imagenet2012"
+  c.test_split = "validation"
+  c.dense.epochs = 0  # no pre-training: the dense model is init.weights (torchvision)
+  c.targets = (0.51,)  # --ops_ratios default, kept FLOPs
+  c.criteria = "oba"
+  c.prune.importance_batches = 350  # 350 batches of 2 per step
+  c.prune.importance_batch_size = 2
+  # 100 epochs, lr 1e-3, wd 1e-4, x0.1 at epochs 30/60/80, 64 images per GPU.
+  c.finetune.update(epochs=100, milestones=(0.3, 0.6, 0.8))
+  c.eval_batch_size = 250
+  return c
+
+
+def _training(*, epochs, learning_rate, weight_decay, milestones) -> ml_collections.ConfigDict:
+  """An SGD recipe (momentum 0.9, multistep schedule); `steps`, if set, overrides `epochs`."""
+  return ml_collections.ConfigDict(dict(
+      epochs=epochs, steps=ml_collections.FieldReference(None, field_type=int), batch_size=64,
+      learning_rate=learning_rate, weight_decay=weight_decay, milestones=milestones))
+
+
+def _smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A few steps on a few examples with the CLI's tiny model."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model_kwargs.update(config.smoke_model_kwargs.to_dict())
+  config.update(test_split=f"{config.test_split}[:32]", eval_batch_size=16, timing_batch=4)
+  config.dense.update(steps=4, batch_size=8)
+  config.finetune.update(steps=3, batch_size=8)
+  config.prune.update(steps=2, importance_batches=2, importance_batch_size=8)
+  return config
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError (or FileNotFoundError) naming the first bad setting; reads no data."""
+  choices = (("model", config.model, models.MODELS), ("mode", config.mode, MODES),
+             ("dataset", config.dataset, data.DATASETS),
+             ("prune.schedule", config.prune.schedule, prune.SCHEDULES),
+             ("init.format", config.init.format, ("torchvision", "timm")))
+  for name, value, accepted in choices:
+    if value not in accepted:
+      raise ValueError(f"{name}={value!r} is not supported; accepted: {sorted(accepted)}.")
+  criteria = _criteria(config)
+  unknown = sorted(set(criteria) - set(prune.CRITERIA))
+  if unknown or not criteria:
+    raise ValueError(f"criteria={config.criteria!r}: unknown {unknown}; accepted: "
+                     f"{sorted(prune.CRITERIA)}.")
+  kind = "density" if config.mode == "unstructured" else "kept-FLOPs ratio"
+  targets = tuple(config.targets)
+  for target in targets:
+    if not isinstance(target, (int, float)) or not 0 < target <= 1:
+      raise ValueError(f"target={target!r} in targets={targets} must be a {kind} in (0, 1].")
+  if not targets or (config.mode != "one_shot" and list(targets) != sorted(set(targets))[::-1]):
+    raise ValueError(f"targets={targets} must be non-empty, and strictly decreasing in mode "
+                     f"{config.mode!r}.")
+  for name, path in (("data_dir", config.data_dir), ("init.checkpoint", config.init.checkpoint)):
+    if path is not None and not os.path.isdir(path):
+      raise FileNotFoundError(f"{name} {path!r} is not a directory.")
+  if config.init.weights is not None and not os.path.isfile(config.init.weights):
+    raise FileNotFoundError(f"init.weights {config.init.weights!r} is not a file.")
+  given = [n for n in ("weights", "checkpoint") if config.init[n] is not None]
+  if len(given) > 1:
+    raise ValueError("give at most one of init.weights and init.checkpoint, got both.")
+  if not given and not (config.dense.steps or config.dense.epochs or config.smoke):
+    raise ValueError("dense.epochs=0: give the dense model as init.weights or init.checkpoint.")
+
+
+def _criteria(config: ml_collections.ConfigDict) -> list[str]:
+  return [c for c in config.criteria.split(",") if c]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs the experiment of `config` in `workdir`; returns (and writes) its results."""
+  start = time.perf_counter()
+  check_config(config)
+  info = data.dataset_info(config.dataset, config.train_split, data_dir=config.data_dir)
+  cli.claim_workdir(workdir, config)
+  if config.smoke:
+    config = _smoke(config)
+  stream = lambda seed, batch_size, **kw: data.load(
+      config.dataset, config.train_split, batch_size=batch_size, train=True, seed=seed,
+      data_dir=config.data_dir, **kw)
+  test = lambda: data.load(config.dataset, config.test_split, batch_size=config.eval_batch_size,
+                           train=False, data_dir=config.data_dir)
+  first = next(test())["image"]
+  example, timing_input = jnp.asarray(first[:1]), jnp.asarray(first[:config.timing_batch])
+
+  model = models.create(config.model, seed=config.seed, in_channels=info.image_shape[-1],
+                        num_classes=info.num_classes, **config.model_kwargs.to_dict())
+  dense_start = time.perf_counter()
+  dense = _dense(model, config, workdir, stream, info.num_examples)
+  dense_row = {"criterion": "dense", **measure(dense, dense, test, example, timing_input),
+               "wall_seconds": time.perf_counter() - dense_start}
+
+  def finetune(masked, mask, directory, extra_state=None) -> tuple[nnx.Module, float]:
+    """The fine-tuned model (`masked` when fine-tuning is off) and the wall seconds it took."""
+    if not config.finetune.enabled:
+      return masked, 0.0
+    tuned_start = time.perf_counter()
+    tuned, _ = train.finetune(
+        masked, stream(config.seed + 2, config.finetune.batch_size),
+        _train_config(config.finetune, info.num_examples, config.seed),
+        workdir=os.path.join(workdir, directory), mask=mask, extra_state=extra_state,
+        progress=config.progress)
+    return tuned, time.perf_counter() - tuned_start
+
+  prune_one = _unstructured if config.mode == "unstructured" else _structured
+  rows = []
+  for criterion in _criteria(config):
+    batches = stream(config.seed + 1, config.prune.importance_batch_size,
+                     augment=config.prune.augment)
+    for row, tuned, compacted, mask in prune_one(config, criterion, dense, example, batches,
+                                                  test, finetune):
+      row.update(measure(tuned, compacted, test, example, timing_input),
+                 max_abs_pruned_weight=max_abs_pruned(functional(tuned)[1], mask))
+      row.update(kept_macs=row["macs"] / dense_row["macs"],
+                 kept_params=row["params"] / dense_row["params"],
+                 speedup=dense_row["inference_seconds"] / row["inference_seconds"])
+      rows.append(row)
+
+  results = {"config": config.to_dict(), "mode": config.mode, "dense": dense_row,
+             "pruned": rows, "targets": list(config.targets),
+             "wall_seconds": time.perf_counter() - start}
+  cli.write_json(os.path.join(workdir, RESULTS_FILE), results)
+  if len(config.targets) > 1:
+    plot(results, os.path.join(workdir, PLOT_FILE))
+  print(table(results))
+  print(f"\nwrote {os.path.join(workdir, RESULTS_FILE)}")
+  return results
+
+
+def _dense(model, config, workdir, stream, num_examples) -> nnx.Module:
+  """The dense model: loaded from `config.init`, or trained in `workdir/dense`."""
+  if config.init.weights is not None:
+    weights.load(model, config.init.weights, format=config.init.format)
+    model.eval()
+    return model
+  if config.init.checkpoint is not None:
+    return restore(model, config.init.checkpoint)
+  dense, _ = train.finetune(
+      model, stream(config.seed, config.dense.batch_size),
+      _train_config(config.dense, num_examples, config.seed),
+      workdir=os.path.join(workdir, "dense"), progress=config.progress)
+  return dense
+
+
+def _train_config(recipe, num_examples: int, seed: int) -> train.TrainConfig:
+  """`train.TrainConfig` of a `_training` recipe."""
+  length = (dict(steps=recipe.steps) if recipe.steps else
+            dict(epochs=recipe.epochs, steps_per_epoch=num_examples // recipe.batch_size))
+  return train.TrainConfig(**length, batch_size=recipe.batch_size,
+                           learning_rate=recipe.learning_rate,
+                           weight_decay=recipe.weight_decay, schedule="multistep",
+                           milestones=tuple(recipe.milestones), seed=seed)
+
+
+def _structured(config, criterion, dense, example, batches, test, finetune):
+  """Yields (row, fine-tuned masked model, its compaction, mask) per target."""
+  settings = dict(
+      criterion=criterion, steps=config.prune.steps, schedule=config.prune.schedule,
+      max_ratio=config.prune.max_ratio, round_to=config.prune.round_to,
+      ignore=tuple(config.prune.ignore), num_batches=config.prune.importance_batches,
+      key=jax.random.key(config.seed), progress=config.progress)
+  pruned = {}  # target -> accuracy right after pruning, and seconds of fine-tuning
+
+  def tune(masked, plan, target):
+    mask = masks.from_plan(plan.structure, plan, functional(masked)[1])
+    accuracy = train.evaluate(masked, test())["accuracy"]
+    tuned, seconds = finetune(masked, mask, os.path.join(criterion, str(target)),
+                              {"plan": plan.to_json()})
+    pruned[target] = {"accuracy_after_pruning": accuracy, "finetune_seconds": seconds}
+    return tuned, mask
+
+  if config.mode == "iterative":
+    targets = iter(config.targets)
+    masks_by_target = {}
+
+    def tune_next(masked, plan):
+      target = next(targets)
+      tuned, masks_by_target[target] = tune(masked, plan, target)
+      return tuned
+
+    results = prune.iterative(dense, example, batches, targets=tuple(config.targets),
+                              finetune=tune_next, **settings)
+    for target, result in zip(config.targets, results):
+      yield (_structured_row(criterion, target, result, pruned[target]), result.masked,
+             result.compacted, masks_by_target[target])
+    return
+  for target in config.targets:
+    result = prune.one_shot(dense, example, batches, target=target, **settings)
+    tuned, mask = tune(result.masked, result.plan, target)
+    yield (_structured_row(criterion, target, result, pruned[target]), tuned,
+           surgery.compact(tuned, result.plan), mask)
+
+
+def _structured_row(criterion, target, result, pruned) -> dict:
+  return {"criterion": criterion, "target": target, **pruned,
+          "prune_seconds": sum(step.seconds for step in result.history)}
+
+
+def _unstructured(config, criterion, dense, example, batches, test, finetune):
+  """Yields (row, fine-tuned masked model, the same, mask) per density."""
+  del example  # masks keep the shapes: nothing to trace
+  results = prune.unstructured(
+      dense, batches, criterion=criterion, densities=tuple(config.targets),
+      steps_per_density=config.prune.steps_per_density,
+      num_batches=config.prune.importance_batches, key=jax.random.key(config.seed),
+      progress=config.progress)
+  for result in results:
+    row = {"criterion": criterion, "target": result.density,
+           "density": 1.0 - masks.sparsity(result.mask).total,
+           "accuracy_after_pruning": train.evaluate(result.masked, test())["accuracy"],
+           "prune_seconds": sum(step.seconds for step in result.history)}
+    tuned, row["finetune_seconds"] = finetune(result.masked, result.mask,
+                                              os.path.join(criterion, str(result.density)))
+    yield row, tuned, tuned, result.mask
+
+
+def restore(model: nnx.Module, directory: str) -> nnx.Module:
+  """`model` with the parameters and state of the latest checkpoint of a `train.finetune` run."""
+  checkpoints = os.path.join(directory, train.CHECKPOINT_DIR)
+  with ocp.CheckpointManager(checkpoints) as manager:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"init.checkpoint {directory!r} holds no checkpoint of "
+                              f"train.finetune (no {checkpoints}/<step>).")
+    saved = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  for state, name in ((params, "params"), (model_state, "model_state")):
+    by_path = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(
+        saved["state"][name])[0]}  # restored keys are strings ('0', not 0)
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(
+        lambda p, x: _saved_like(by_path, path_str(p), x, directory), nnx.to_pure_dict(state)))
+  restored = nnx.merge(graphdef, params, model_state)
+  restored.eval()
+  return restored
+
+
+def _saved_like(by_path: dict, path: str, leaf, directory: str) -> jax.Array:
+  """The saved value of `path`, or a ValueError if the model has no such leaf there."""
+  saved = by_path.get(path)
+  if saved is None or saved.shape != leaf.shape:
+    found = "nothing" if saved is None else f"shape {saved.shape}"
+    raise ValueError(f"init.checkpoint {directory!r} does not fit the model: {path!r} has "
+                     f"shape {leaf.shape} in the model, {found} in the checkpoint.")
+  return jnp.asarray(saved)
+
+
+def measure(masked_model, compacted, test, example, timing_input) -> dict:
+  """Accuracy of the masked and compacted models, counts and inference time of the compacted.
+
+  `test()` returns a fresh iterator over the evaluation batches.
+  """
+  masked_eval = train.evaluate(masked_model, test())
+  compacted_eval = train.evaluate(compacted, test())
+  count = flops.count(compacted, example)
+  return {"accuracy": masked_eval["accuracy"], "loss": masked_eval["loss"],
+          "compacted_accuracy": compacted_eval["accuracy"], "macs": count.macs,
+          "params": count.params, "inference_seconds": inference_seconds(compacted, timing_input)}
+
+
+def inference_seconds(model: nnx.Module, x: jax.Array, reps: int = 5) -> float:
+  """Median time of a jitted forward pass."""
+  forward = jax.jit(lambda x: model(x))
+  jax.block_until_ready(forward(x))
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(forward(x))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def max_abs_pruned(params, mask) -> float:
+  """The largest |weight| among the pruned entries (0.0 when masking holds)."""
+  values = [jnp.max(jnp.abs(jnp.where(m, 0.0, p)), initial=0.0)
+            for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask))]
+  return float(max(values, default=0.0))
+
+
+def plot(results: dict, path: str) -> None:
+  """Accuracy after fine-tuning against kept FLOPs (or density), one line per criterion."""
+  x_key = "density" if results["mode"] == "unstructured" else "kept_macs"
+  fig = figure.Figure(figsize=(5, 3.5))
+  ax = fig.subplots()
+  for criterion in dict.fromkeys(r["criterion"] for r in results["pruned"]):
+    rows = [r for r in results["pruned"] if r["criterion"] == criterion]
+    ax.plot([r[x_key] for r in rows], [r["accuracy"] for r in rows], "o-", label=criterion)
+  ax.axhline(results["dense"]["accuracy"], color="gray", linestyle="--", label="dense")
+  ax.set(xlabel="density" if x_key == "density" else "kept FLOPs", ylabel="test accuracy")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def table(results: dict) -> str:
+  """The results as a text table, one line per row."""
+  lines = [f"{'criterion':10s} {'target':>6s} {'acc pruned':>10s} {'acc tuned':>9s} "
+           f"{'kept MACs':>9s} {'params':>11s} {'ms/batch':>8s}"]
+  for r in [results["dense"], *results["pruned"]]:
+    lines.append(
+        f"{r['criterion']:10s} {r.get('target', 1.0):6.3f} "
+        f"{r.get('accuracy_after_pruning', float('nan')):10.4f} {r['accuracy']:9.4f} "
+        f"{r.get('kept_macs', 1.0):9.3f} {r['params']:11,d} {1e3 * r['inference_seconds']:8.2f}")
+  return "\n".join(lines)

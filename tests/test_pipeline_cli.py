@@ -1,0 +1,155 @@
+"""The paper's experiment CLIs end to end in smoke mode on TFDS mock data, and their bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import safetensors.numpy
+import tensorflow_datasets as tfds
+
+from oba_jax import models, weights
+from oba_jax.experiments import (cli, pipeline, resnet32_cifar, resnet50_imagenet, unstructured,
+                                 vgg19_cifar, vit_b16_imagenet)
+
+CLIS = (vgg19_cifar, resnet32_cifar, unstructured, resnet50_imagenet, vit_b16_imagenet)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mock_tfds():
+  """cifar10/100 and imagenet2012 as 16 random examples of the real shapes."""
+  with tfds.testing.mock_data(num_examples=16):
+    yield
+
+
+def smoke(module, **overrides):
+  config = module.get_config()
+  config.update(smoke=True, progress=False)
+  config.update_from_flattened_dict(overrides)  # keys like "init.weights"
+  return config
+
+
+def run(module, workdir, **overrides) -> dict:
+  results = pipeline.run(smoke(module, **overrides), str(workdir))
+  with open(os.path.join(workdir, pipeline.RESULTS_FILE)) as f:
+    assert json.load(f)["pruned"] == json.loads(json.dumps(results["pruned"]))
+  return results
+
+
+def check_consistent(results, criteria, targets):
+  """Every criterion and target has a row whose pruned model is what the results claim."""
+  rows = results["pruned"]
+  assert [(r["criterion"], r["target"]) for r in rows] == [(c, t) for c in criteria
+                                                           for t in targets]
+  for row in rows:
+    if results["mode"] == "unstructured":  # the kept count is rounded up to a whole weight
+      assert row["density"] == pytest.approx(row["target"], abs=1e-4)
+    else:
+      assert row["kept_macs"] <= row["target"]
+    assert row["max_abs_pruned_weight"] == 0.0  # pruned weights stayed exactly zero
+    assert row["compacted_accuracy"] == row["accuracy"]  # compaction changes nothing
+    assert 0 <= row["accuracy_after_pruning"] <= 1 and row["inference_seconds"] > 0
+    assert row["prune_seconds"] > 0 and row["finetune_seconds"] >= 0
+
+
+@pytest.fixture(scope="module")
+def resnet32_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("resnet32")
+  return workdir, run(resnet32_cifar, workdir, criteria="oba", targets=(0.6, 0.4))
+
+
+def test_resnet32_iterative_prunes_each_target_from_the_last(resnet32_run):
+  workdir, results = resnet32_run
+  check_consistent(results, ["oba"], [0.6, 0.4])
+  assert results["pruned"][1]["macs"] < results["pruned"][0]["macs"] < results["dense"]["macs"]
+  assert os.path.isfile(os.path.join(workdir, pipeline.PLOT_FILE))
+  assert sorted(os.listdir(os.path.join(workdir, "oba"))) == ["0.4", "0.6"]  # fine-tune runs
+
+
+def test_rerun_resumes_and_another_config_is_refused_untouched(resnet32_run):
+  workdir, results = resnet32_run
+  again = run(resnet32_cifar, workdir, criteria="oba", targets=(0.6, 0.4))  # restores each stage
+  assert [r["accuracy"] for r in again["pruned"]] == [r["accuracy"] for r in results["pruned"]]
+  before = {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)}
+  with pytest.raises(ValueError, match=r"another configuration \(differs in \['seed'\]\)"):
+    pipeline.run(smoke(resnet32_cifar, criteria="oba", targets=(0.6, 0.4), seed=1), str(workdir))
+  assert {n: os.path.getmtime(os.path.join(workdir, n)) for n in os.listdir(workdir)} == before
+
+
+def test_vgg19_one_shot(tmp_path):
+  results = run(vgg19_cifar, tmp_path, criteria="magnitude", targets=(0.5, 0.3))
+  check_consistent(results, ["magnitude"], [0.5, 0.3])
+  assert os.path.isfile(tmp_path / pipeline.PLOT_FILE)
+
+
+def test_unstructured_sweep_from_an_orbax_checkpoint(tmp_path, resnet32_run):
+  dense_dir = str(resnet32_run[0] / "dense")
+  results = run(unstructured, tmp_path, model="resnet32_cifar", dataset="cifar100",
+                criteria="magnitude", targets=(0.5, 0.2), **{"init.checkpoint": dense_dir})
+  check_consistent(results, ["magnitude"], [0.5, 0.2])
+  assert results["dense"]["accuracy"] == resnet32_run[1]["dense"]["accuracy"]
+  assert not os.path.exists(tmp_path / "dense")  # restored, not trained
+  assert all(r["macs"] == results["dense"]["macs"] for r in results["pruned"])  # masks only
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path, resnet32_run):
+  dense_dir = str(resnet32_run[0] / "dense")
+  with pytest.raises(ValueError, match=r"does not fit the model: 'classifier/bias' has shape"):
+    run(unstructured, tmp_path, model="resnet32_cifar", **{"init.checkpoint": dense_dir})
+
+
+@pytest.mark.slow
+def test_resnet50_from_torchvision_weights(tmp_path):
+  config = smoke(resnet50_imagenet, criteria="magnitude")
+  model = models.create("resnet50", num_classes=1000, **config.smoke_model_kwargs.to_dict())
+  path = str(tmp_path / "resnet50.safetensors")
+  safetensors.numpy.save_file(weights.export(model), path)
+  results = run(resnet50_imagenet, tmp_path / "run", criteria="magnitude",
+                **{"init.weights": path})
+  check_consistent(results, ["magnitude"], [0.51])
+
+
+@pytest.mark.slow
+def test_vit_b16_keeps_the_patch_embedding(tmp_path):
+  results = run(vit_b16_imagenet, tmp_path, criteria="magnitude")
+  check_consistent(results, ["magnitude"], [0.51])
+  assert results["pruned"][0]["macs"] < results["dense"]["macs"]
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (dict(model="vgg7"), ValueError, r"model='vgg7' is not supported; accepted: \["),
+    (dict(criteria="oba,hessian"), ValueError, r"unknown \['hessian'\]; accepted: \["),
+    (dict(mode="greedy"), ValueError, r"mode='greedy' is not supported"),
+    (dict(targets=(1.5,)), ValueError, r"target=1.5 .* must be a kept-FLOPs ratio in \(0, 1\]"),
+    (dict(targets=(0.0,)), ValueError, r"target=0.0 .* in \(0, 1\]"),
+    (dict(mode="iterative", targets=(0.3, 0.5)), ValueError, r"strictly decreasing"),
+    (dict(data_dir="/no/such/dir"), FileNotFoundError, r"data_dir '/no/such/dir' is not a"),
+    ({"init.weights": "/no/such.pth"}, FileNotFoundError, r"init.weights '/no/such.pth'"),
+])
+def test_bad_config_fails_before_any_work(tmp_path, overrides, error, message):
+  with pytest.raises(error, match=message):
+    pipeline.run(smoke(vgg19_cifar, **overrides), str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
+def test_unstructured_targets_are_densities(tmp_path):
+  with pytest.raises(ValueError, match=r"target=2 .* must be a density in \(0, 1\]"):
+    pipeline.run(smoke(unstructured, targets=(0.5, 2)), str(tmp_path))
+
+
+def test_imagenet_needs_the_dense_weights(tmp_path):
+  config = resnet50_imagenet.get_config()
+  with pytest.raises(ValueError, match=r"dense.epochs=0: give the dense model as init.weights"):
+    pipeline.run(config, str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("module", CLIS, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_cli_reports_bad_input_and_writes_nothing(tmp_path, module):
+  out = subprocess.run(
+      [sys.executable, "-m", module.__name__, f"--workdir={tmp_path}", "--config.criteria=obs"],
+      capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0 and "unknown ['obs']" in out.stderr
+  assert os.listdir(tmp_path) == []
+  assert not os.path.exists(os.path.join(tmp_path, cli.CONFIG_FILE))
