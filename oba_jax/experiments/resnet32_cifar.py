@@ -19,6 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = pipeline.base_config()
   c.dataset = "cifar100"  # iterative_prune.py default (§4.4)
   c.model = "resnet32_cifar"
+  c.model_kwargs.width = 64  # the paper's (EigenDamage) widths: 64, 128, 256 / 64 ... 512
   c.mode = "iterative"  # or "one_shot"
   c.targets = (0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)  # --ops_ratios default (§4.4)
   # 100 epochs, lr 1e-3, wd 1e-4, x0.1 at epochs 50/75 between targets (§4.4).

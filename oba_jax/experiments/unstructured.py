@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = pipeline.base_config()
   c.dataset = "cifar10"
   c.model = "resnet20_cifar"  # the README example (§4.5)
+  c.model_kwargs.width = 64  # the paper's (EigenDamage) widths: 64, 128, 256 / 64 ... 512
   c.seed = 5  # §4.2
   c.mode = "unstructured"
   c.targets = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)  # evaluated densities (§4.5)

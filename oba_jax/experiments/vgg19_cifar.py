@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = pipeline.base_config()
   c.dataset = "cifar10"  # or "cifar100" (§4.3 runs both)
   c.model = "vgg19_cifar"
+  c.model_kwargs.width = 64  # the paper's (EigenDamage) widths: 64, 128, 256 / 64 ... 512
   c.mode = "one_shot"
   c.targets = (0.14,)  # --ops_ratios default: kept FLOPs (§4.3)
   c.smoke_model_kwargs = ml_collections.ConfigDict(dict(width=4))
