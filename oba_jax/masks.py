@@ -46,15 +46,28 @@ def from_plan(structure: Structure, plan: Plan, params: PyTree) -> PyTree:
     params: the parameters (or anything with their structure and shapes).
   """
   plan.check_matches(structure)
+  return from_removed(structure, plan.removed, params)
+
+
+def from_removed(structure: Structure, removed: Mapping[str, Any], params: PyTree) -> PyTree:
+  """The structured mask that removes `removed[group name]` (indices) of each named group.
+
+  Groups not named keep everything. `from_plan` is this with a plan's
+  decisions; a single entry `{name: [c]}` is the removal of one channel or head.
+  """
+  unknown = sorted(set(removed) - {g.name for g in structure.groups})
+  if unknown:
+    raise ValueError(f"{unknown[:3]} are not groups of this structure; groups: "
+                   f"{[g.name for g in structure.groups][:8]} ...")
   leaves = member_leaves(structure, params, "params")
   keep = collections.defaultdict(dict)  # path -> {axis: bool vector of kept indices}
   for group in structure.groups:
-    removed = plan.removed[group.name]
-    if not removed:
+    indices = removed.get(group.name, ())
+    if not len(indices):
       continue
     for m in param_members(group):
       size = jnp.shape(leaves[m.path])[m.axis]
-      keep[m.path].setdefault(m.axis, np.ones(size, bool))[m.indices(removed)] = False
+      keep[m.path].setdefault(m.axis, np.ones(size, bool))[m.indices(indices)] = False
 
   def leaf_mask(path, leaf):
     shape = jnp.shape(leaf)

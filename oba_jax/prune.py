@@ -37,7 +37,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from oba_jax import flops, masks, plan, scores, structure, surgery
-from oba_jax.functional import Objective, classification, functional
+from oba_jax.functional import classification, functional
 from oba_jax.validate import check_choice
 
 PyTree = Any
@@ -49,40 +49,50 @@ class Criterion:
   """How a named criterion scores the parameters of a classifier.
 
   Attributes:
-    score: `score(objective, params, batch, key) -> pytree like params`.
+    score: `score(objective, params, batch, key, delta=None) -> pytree like
+      params`; `delta` is the removal it predicts (default: every prunable entry,
+      `oba_jax.delta.removal_delta`).
     uses_data: False when the score ignores the batch (magnitude, random): it
       is computed once, reading no batches.
+    entrywise: True when entry i of the score depends on δᵢ alone (magnitude,
+      first-order Taylor, OBD's diagonal), so the prediction for removing any
+      subset is the sum of its entries under the full-removal delta. Scores with
+      a full curvature (OBA) or higher Taylor orders couple the entries.
   """
 
-  score: Callable[[Objective, PyTree, PyTree, jax.Array], PyTree]
+  score: Callable[..., PyTree]
   uses_data: bool = True
+  entrywise: bool = False
 
 
-def _magnitude(objective, params, batch, key):
+def _magnitude(objective, params, batch, key, delta=None):
   del objective, batch, key  # scores the weights alone
-  return scores.magnitude(params)
+  return scores.magnitude(params, delta=delta)
 
 
-def _random(objective, params, batch, key):
-  del objective, batch  # scores at random
-  return scores.random(key, params)
+def _random(objective, params, batch, key, delta=None):
+  del objective, batch  # scores at random, on the entries that `delta` moves
+  moved = None if delta is None else jax.tree.map(lambda d: d != 0, delta)
+  return scores.random(key, params, prunable=moved)
 
 
-def _taylor(objective, params, batch, key, *, order):
+def _taylor(objective, params, batch, key, delta=None, *, order):
   del key  # deterministic
-  return scores.taylor(objective.loss, params, batch, order=order)
+  return scores.taylor(objective.loss, params, batch, order=order, delta=delta)
 
 
-def _obd(objective, params, batch, key, *, diag):
-  return scores.obd(objective.loss, params, batch, key=key, diag=diag, model_fn=objective.model)
+def _obd(objective, params, batch, key, delta=None, *, diag):
+  return scores.obd(objective.loss, params, batch, key=key, diag=diag, delta=delta,
+                    model_fn=objective.model)
 
 
-def _oba(objective, params, batch, key, *, curvature):
+def _oba(objective, params, batch, key, delta=None, *, curvature):
   del key  # deterministic
   return scores.oba(
       objective.loss,
       params,
       batch,
+      delta=delta,
       curvature=curvature,
       model_fn=objective.model,
       output_loss_fn=objective.output_loss,
@@ -91,19 +101,20 @@ def _oba(objective, params, batch, key, *, curvature):
 
 # Criteria by name. "taylor" is the first-order term gᵢδᵢ (the paper's Taylor
 # baseline, |θ·g| per channel after the reduction), "oba" the exact-Hessian OBA
-# score, "oba_residual" what the official OBA code computes, "taylor3" the third
-# Taylor term; `oba_jax.scores` defines each.
+# score, "oba_residual" what the official OBA code computes, "taylor3" and
+# "taylor4" the third and fourth Taylor terms; `oba_jax.scores` defines each.
 CRITERIA = types.MappingProxyType(
     dict(
-        magnitude=Criterion(_magnitude, uses_data=False),
-        random=Criterion(_random, uses_data=False),
-        taylor=Criterion(functools.partial(_taylor, order=1)),
-        obd_fisher=Criterion(functools.partial(_obd, diag="fisher")),
-        obd_hutchinson=Criterion(functools.partial(_obd, diag="hutchinson")),
+        magnitude=Criterion(_magnitude, uses_data=False, entrywise=True),
+        random=Criterion(_random, uses_data=False, entrywise=True),
+        taylor=Criterion(functools.partial(_taylor, order=1), entrywise=True),
+        obd_fisher=Criterion(functools.partial(_obd, diag="fisher"), entrywise=True),
+        obd_hutchinson=Criterion(functools.partial(_obd, diag="hutchinson"), entrywise=True),
         oba=Criterion(functools.partial(_oba, curvature="hessian")),
         oba_residual=Criterion(functools.partial(_oba, curvature="residual")),
         oba_ggn=Criterion(functools.partial(_oba, curvature="ggn")),
         taylor3=Criterion(functools.partial(_taylor, order=3)),
+        taylor4=Criterion(functools.partial(_taylor, order=4)),
     )
 )
 

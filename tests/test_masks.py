@@ -54,6 +54,15 @@ def test_from_plan_masks_every_member_slice():
   assert all(m.dtype == jnp.bool_ for m in jax.tree.leaves(mask))
 
 
+def test_from_removed_is_from_plan_for_the_named_groups():
+  params = conv_params()
+  removed = {"c2": [0, 3]}
+  jax.tree.map(np.testing.assert_array_equal, masks.from_removed(STRUCTURE, removed, params),
+               masks.from_plan(STRUCTURE, plan_removing(STRUCTURE, removed), params))
+  with pytest.raises(ValueError, match=r"\['c9'\] are not groups of this structure"):
+    masks.from_removed(STRUCTURE, {"c9": [0]}, params)
+
+
 def test_apply_zeroes_exactly_the_masked_entries():
   params = conv_params()
   p = plan_removing(STRUCTURE, {"c2": [2]})

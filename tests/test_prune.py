@@ -76,6 +76,24 @@ def test_every_criterion_scores_every_parameter(criterion):
   assert not np.any(score["bn"]["scale"])  # BatchNorm is not prunable
 
 
+@pytest.mark.parametrize("criterion", sorted(prune.CRITERIA))
+def test_entrywise_criteria_predict_a_subset_by_summing_full_removal_scores(criterion):
+  """`entrywise` is true exactly when restricting the delta equals masking the scores."""
+  model = TinyNet(nnx.Rngs(0))
+  model.eval()
+  apply_fn, params = oba_jax.functional(model)
+  objective = oba_jax.classification(apply_fn)
+  score = lambda delta: prune.CRITERIA[criterion].score(objective, params, BATCHES[0], KEY,
+                                                        delta=delta)
+  subset = jax.tree.map(lambda p: jnp.arange(p.size).reshape(p.shape) % 3 == 0, params)
+  full = jax.tree.map(jnp.negative, params)
+  restricted = jax.tree.map(lambda d, s: jnp.where(s, d, 0.0), full, subset)
+  total = lambda tree: sum(float(jnp.sum(x)) for x in jax.tree.leaves(tree))
+  in_subset = total(jax.tree.map(lambda s, m: jnp.where(m, s, 0.0), score(full), subset))
+  matches = np.isclose(total(score(restricted)), in_subset, rtol=1e-5, atol=1e-8)
+  assert matches == prune.CRITERIA[criterion].entrywise
+
+
 def test_magnitude_scores_are_the_weights_magnitudes():
   model = TinyNet(nnx.Rngs(0))
   score = prune.importance("magnitude", model, Unreadable(), num_batches=None, key=KEY)
