@@ -7,21 +7,8 @@ import sys
 
 import pytest
 
-from oba_jax.data import fashion_mnist
 from oba_jax.experiments import cli, quickstart
-
-
-def fashion_mnist_available() -> bool:
-  try:
-    fashion_mnist.find_idx_dir()
-    return True
-  except FileNotFoundError:
-    return False
-
-
-needs_fashion_mnist = pytest.mark.skipif(
-    not fashion_mnist_available(),
-    reason="Fashion-MNIST IDX files absent: apt-get install dataset-fashion-mnist")
+from markers import needs_fashion_mnist
 
 
 def smoke_config(**overrides):

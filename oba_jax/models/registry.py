@@ -14,6 +14,7 @@ from oba_jax.models.vgg import VGG
 from oba_jax.models.vit import VisionTransformer, vit_b16
 
 MODELS: dict[str, Callable[..., nnx.Module]] = {
+    "vgg11_cifar": functools.partial(VGG, 11),
     "vgg19_cifar": functools.partial(VGG, 19),
     "resnet20_cifar": functools.partial(ResNetCIFAR, 20),
     "resnet32_cifar": functools.partial(ResNetCIFAR, 32),
