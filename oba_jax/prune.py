@@ -58,11 +58,15 @@ class Criterion:
       first-order Taylor, OBD's diagonal), so the prediction for removing any
       subset is the sum of its entries under the full-removal delta. Scores with
       a full curvature (OBA) or higher Taylor orders couple the entries.
+    per_example: True when the score runs the model one example at a time (the
+      Fisher diagonal), which needs inference-mode normalisation: with batch
+      statistics each example would be normalised by its own.
   """
 
   score: Callable[..., PyTree]
   uses_data: bool = True
   entrywise: bool = False
+  per_example: bool = False
 
 
 def _magnitude(objective, params, batch, key, delta=None):
@@ -108,7 +112,8 @@ CRITERIA = types.MappingProxyType(
         magnitude=Criterion(_magnitude, uses_data=False, entrywise=True),
         random=Criterion(_random, uses_data=False, entrywise=True),
         taylor=Criterion(functools.partial(_taylor, order=1), entrywise=True),
-        obd_fisher=Criterion(functools.partial(_obd, diag="fisher"), entrywise=True),
+        obd_fisher=Criterion(functools.partial(_obd, diag="fisher"), entrywise=True,
+                             per_example=True),
         obd_hutchinson=Criterion(functools.partial(_obd, diag="hutchinson"), entrywise=True),
         oba=Criterion(functools.partial(_oba, curvature="hessian")),
         oba_residual=Criterion(functools.partial(_oba, curvature="residual")),
@@ -166,9 +171,14 @@ def importance(
   """
   check_choice("criterion", criterion, CRITERIA)
   _check_num_batches(num_batches)
+  scorer = CRITERIA[criterion]
+  if scorer.per_example and uses_batch_statistics(model):
+    raise ValueError(
+        f"criterion {criterion!r} runs the model one example at a time, and this model has "
+        "BatchNorm in training mode (batch statistics), which would normalise each example by "
+        "itself. Call model.eval() before scoring with it.")
   apply_fn, params = functional(model)
   objective = classification(apply_fn)
-  scorer = CRITERIA[criterion]
   if not scorer.uses_data:
     return scorer.score(objective, params, None, key)
   return scores.accumulate(
@@ -180,6 +190,12 @@ def importance(
       mesh=mesh,
       progress=progress,
   )
+
+
+def uses_batch_statistics(model: nnx.Module) -> bool:
+  """Whether a BatchNorm of `model` normalises with batch statistics (training mode)."""
+  return any(isinstance(m, nnx.BatchNorm) and not m.use_running_average
+             for _, m in nnx.iter_modules(model))
 
 
 @dataclasses.dataclass(frozen=True)

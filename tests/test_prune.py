@@ -94,6 +94,13 @@ def test_entrywise_criteria_predict_a_subset_by_summing_full_removal_scores(crit
   assert matches == prune.CRITERIA[criterion].entrywise
 
 
+def test_per_example_criteria_refuse_batch_statistics():
+  model = TinyNet(nnx.Rngs(0))
+  model.train()
+  with pytest.raises(ValueError, match="'obd_fisher' runs the model one example at a time"):
+    prune.importance("obd_fisher", model, Unreadable(), num_batches=1, key=KEY)
+
+
 def test_magnitude_scores_are_the_weights_magnitudes():
   model = TinyNet(nnx.Rngs(0))
   score = prune.importance("magnitude", model, Unreadable(), num_batches=None, key=KEY)
