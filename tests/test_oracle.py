@@ -76,6 +76,26 @@ def test_first_order_prediction_equals_its_signed_attribution(study):
                              - 1e-6, True)
 
 
+def test_attention_heads_are_removed_whole():
+  vit = models.create("vit", image_size=8, patch_size=4, hidden_dim=16, num_layers=1,
+                      num_heads=4, mlp_dim=16, num_classes=3, in_channels=1)
+  example = jnp.asarray(batches()[0]["image"][:1])
+  found = structure.trace(vit, example, ignore=("conv_proj",))
+  heads = next(g for g in found.groups if g.size == 4 and any(
+      m.path.endswith("attention/query/kernel") and m.position == 0 for m in g.members))
+  removals = [(heads.name, 1), (heads.name, 3)]
+  study = oracle.removal_study(vit, example, batches(), criteria=("taylor", "oba"),
+                               removals=removals, key=KEY, ignore=("conv_proj",))
+  dense_loss = train.evaluate(vit, batches())["loss"]
+  for (group, index), change in zip(removals, study.true):
+    keep = masks.from_removed(found, {group: [index]}, functional(vit)[1])
+    query = np.asarray(keep["layers"][0]["attention"]["query"]["kernel"]).reshape(16, 4, 4)
+    assert not query[:, index].any() and query[:, [i for i in range(4) if i != index]].all()
+    removed = masks.apply(vit, keep)
+    assert change == pytest.approx(train.evaluate(removed, batches())["loss"] - dense_loss,
+                                   abs=1e-5)
+
+
 def test_study_survives_json(study):
   again = oracle.Study.from_json(json.loads(json.dumps(study.to_json())))
   np.testing.assert_array_equal(again.true, study.true)
@@ -165,8 +185,11 @@ def test_cli_smoke_run_writes_a_consistent_study_and_resumes(tmp_path):
   for s in results["studies"]:
     assert s["removals"] == 12 < s["channels"]
     kinds = {(r["criterion"], r["kind"]) for r in s["rows"]}
-    assert {(c, k) for c in criteria for k in ("prediction", "attribution_paper",
-                                               "attribution_sum")} <= kinds
+    # The per-example Fisher needs inference-mode BatchNorm; it is left out in training mode.
+    usable = [c for c in criteria if not (c == "obd_fisher" and s["bn_mode"] == "train")]
+    assert {(c, k) for c in usable for k in ("prediction", "attribution_paper",
+                                             "attribution_sum")} == kinds - {
+        (f"T{k}", "prediction") for k in (1, 2, 3, 4)}
     assert {(f"T{k}", "prediction") for k in (1, 2, 3, 4)} <= kinds
     assert os.path.exists(os.path.join(workdir, f"vgg11_cifar_{s['bn_mode']}.png"))
   stamp = os.path.getmtime(os.path.join(workdir, "vgg11_cifar", "eval.json"))

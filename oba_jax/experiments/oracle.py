@@ -30,8 +30,9 @@ Taylor polynomials, and scatter plots.
 
 The dense models are trained in `workdir/<model>/dense` (or reused), each study
 is saved to `workdir/<model>/<bn mode>.json` as it finishes, and a killed run
-resumes from there. In training-mode BatchNorm "obd_fisher" runs its model one
-example at a time (per-example Fisher), so it sees per-example statistics.
+resumes from there. Criteria that run the model one example at a time
+("obd_fisher") are left out in training-mode BatchNorm, where each example
+would be normalised by its own statistics (`prune.Criterion.per_example`).
 """
 
 import dataclasses
@@ -392,7 +393,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           model.train()
         else:
           model.eval()
-        study = removal_study(model, example, held_out, criteria=criteria, removals=removals,
+        usable = [c for c in criteria
+                  if not (prune.CRITERIA[c].per_example and prune.uses_batch_statistics(model))]
+        study = removal_study(model, example, held_out, criteria=usable, removals=removals,
                               key=jax.random.key(config.seed), progress=config.progress)
         cli.write_json(path, study.to_json())
       plot(study, f"{model_name}, BatchNorm {bn_mode}",
