@@ -77,8 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.dense = ml_collections.ConfigDict(dict(steps=1500, batch_size=128, learning_rate=0.1,
                                            weight_decay=5e-4))
   c.batch_size = 128  # held-out batch; training-mode BatchNorm normalises over it
-  c.held_out_batches = 4
-  c.max_removals = 160  # per model; a random sample when the model has more channels
+  c.held_out_batches = 2
+  c.max_removals = 128  # per model; a random sample when the model has more channels
   c.top_fraction = 0.2
   c.progress = True
   c.smoke = False  # a tiny run for tests: width 4, a few steps, removals and examples
