@@ -349,14 +349,19 @@ def summarize(study: Study, top_fraction: float) -> list[dict]:
       row["r2"] = r_squared(values, study.true)
     rows.append(row)
 
-  for c, values in study.prediction.items():
+  for c, values in in_criteria_order(study.prediction):
     add(c, "prediction", values)
   for name, values in taylor_polynomials(study).items():
     add(name, "prediction", values, loss_units=True)
-  for c, by_reduction in study.attribution.items():
-    for reduction, values in by_reduction.items():
-      add(c, f"attribution_{reduction}", values)
+  for c, by_reduction in in_criteria_order(study.attribution):
+    for reduction in sorted(by_reduction, reverse=True):  # "sum" after "paper"
+      add(c, f"attribution_{reduction}", by_reduction[reduction])
   return rows
+
+
+def in_criteria_order(by_criterion: Mapping[str, Any]) -> list[tuple[str, Any]]:
+  """The items in the order of `prune.CRITERIA`, however the mapping was built or read."""
+  return [(c, by_criterion[c]) for c in prune.CRITERIA if c in by_criterion]
 
 
 # --- the CLI --------------------------------------------------------------------
@@ -446,7 +451,7 @@ def table(results: dict) -> str:
 
 def plot(study: Study, title: str, path: str) -> None:
   """Predicted against true loss change, one panel per prediction."""
-  series = {**study.prediction, **taylor_polynomials(study)}
+  series = {**dict(in_criteria_order(study.prediction)), **taylor_polynomials(study)}
   columns = 4
   rows = -(-len(series) // columns)
   fig = figure.Figure(figsize=(3 * columns, 2.7 * rows))
