@@ -11,8 +11,6 @@ MACs reduction.
 
 import argparse
 import datetime
-import json
-import os
 import statistics
 import time
 
@@ -21,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from oba_jax import flops, plan, surgery
+from oba_jax.experiments import cli
 from oba_jax.models import ResNetCIFAR
 from oba_jax.runtime import enable_compilation_cache
 from oba_jax.structure import trace
@@ -89,9 +88,7 @@ def main():
   record = {"benchmark": "bench_compact", "date": datetime.date.today().isoformat(),
             "args": vars(args), "device": jax.devices()[0].device_kind,
             "jax": jax.__version__, "rows": rows}
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(record, f, indent=1)
+  cli.write_json(args.out, record)
   print(f"wrote {args.out}")
 
 

@@ -16,7 +16,6 @@ Memory target: every score's peak <= 2.5x the gradient step's.
 import argparse
 import datetime
 import functools
-import json
 import os
 import platform
 import statistics
@@ -29,6 +28,7 @@ from flax import nnx
 
 import oba_jax
 from oba_jax import scores
+from oba_jax.experiments import cli
 from oba_jax.models import ResNetCIFAR
 from oba_jax.runtime import enable_compilation_cache
 
@@ -124,9 +124,7 @@ def main():
                  f"{jax.devices()[0].device_kind}",
       "jax": jax.__version__, "rows": rows,
   }
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(record, f, indent=1)
+  cli.write_json(args.out, record)
   print(f"\nwrote {args.out}")
 
 

@@ -11,9 +11,7 @@ the Taylor polynomials' Spearman correlation and R².
 import json
 import sys
 
-
-def _row(study: dict, criterion: str, kind: str) -> dict | None:
-  return next((r for r in study["rows"] if (r["criterion"], r["kind"]) == (criterion, kind)), None)
+from oba_jax.experiments.oracle import find_row
 
 
 def _cell(row: dict | None, keys: tuple[str, ...]) -> str:
@@ -27,7 +25,7 @@ def table(results: dict, kind: str, criteria: list[str], keys: tuple[str, ...]) 
   head = " | ".join(f"{s['model']} BN {s['bn_mode']}" for s in studies)
   lines = [f"| criterion | {head} |", "|---" * (len(studies) + 1) + "|"]
   for c in criteria:
-    lines.append(f"| {c} | " + " | ".join(_cell(_row(s, c, kind), keys) for s in studies) + " |")
+    lines.append(f"| {c} | " + " | ".join(_cell(find_row(s, c, kind), keys) for s in studies) + " |")
   return "\n".join(lines)
 
 

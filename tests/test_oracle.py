@@ -34,9 +34,9 @@ def model():
 @pytest.fixture(scope="module")
 def study(model):
   model.eval()
-  example = jnp.asarray(batches()[0]["image"][:1])
-  removals = oracle.sample_removals(structure.trace(model, example).groups, 10, seed=0)
-  return oracle.removal_study(model, example, batches(), criteria=CRITERIA,
+  traced = structure.trace(model, jnp.asarray(batches()[0]["image"][:1]))
+  removals = oracle.sample_removals(traced.groups, 10, seed=0)
+  return oracle.removal_study(model, traced, batches(), criteria=CRITERIA,
                               removals=removals, key=KEY)
 
 
@@ -87,8 +87,8 @@ def test_attention_heads_are_removed_whole():
   heads = next(g for g in found.groups if g.size == 4 and any(
       m.path.endswith("attention/query/kernel") and m.position == 0 for m in g.members))
   removals = [(heads.name, 1), (heads.name, 3)]
-  study = oracle.removal_study(vit, example, batches(), criteria=("taylor", "oba"),
-                               removals=removals, key=KEY, ignore=("conv_proj",))
+  study = oracle.removal_study(vit, found, batches(), criteria=("taylor", "oba"),
+                               removals=removals, key=KEY)
   dense_loss = train.evaluate(vit, batches())["loss"]
   for (group, index), change in zip(removals, study.true):
     keep = masks.from_removed(found, {group: [index]}, functional(vit)[1])
@@ -114,16 +114,16 @@ def test_taylor_polynomials_add_the_terms_in_order(study):
 
 
 def test_bad_removals_and_criteria_are_refused_before_any_work(model):
-  example = jnp.asarray(batches()[0]["image"][:1])
-  name = structure.trace(model, example).groups[0].name
+  traced = structure.trace(model, jnp.asarray(batches()[0]["image"][:1]))
+  name = traced.groups[0].name
   with pytest.raises(ValueError, match=r"removal \('nope', 0\)"):
-    oracle.removal_study(model, example, batches(), criteria=("oba",), removals=[("nope", 0)],
+    oracle.removal_study(model, traced, batches(), criteria=("oba",), removals=[("nope", 0)],
                          key=KEY)
   with pytest.raises(ValueError, match=rf"removal \('{name}', 999\)"):
-    oracle.removal_study(model, example, batches(), criteria=("oba",), removals=[(name, 999)],
+    oracle.removal_study(model, traced, batches(), criteria=("oba",), removals=[(name, 999)],
                          key=KEY)
   with pytest.raises(ValueError, match="unknown criterion 'obs'"):
-    oracle.removal_study(model, example, batches(), criteria=("obs",), removals=[(name, 0)],
+    oracle.removal_study(model, traced, batches(), criteria=("obs",), removals=[(name, 0)],
                          key=KEY)
 
 

@@ -27,6 +27,20 @@ CONFIG_FILE = "config.json"
 RUNTIME_KEYS = frozenset({"progress", "log_every"})
 
 
+def names(text: str) -> list[str]:
+  """The names of a comma-separated config value ("oba,magnitude"), empty ones dropped."""
+  return [n for n in text.split(",") if n]
+
+
+def check_names(key: str, text: str, accepted) -> list[str]:
+  """`names(text)`, or a ValueError naming the unknown ones and what `key` accepts."""
+  given = names(text)
+  unknown = sorted(set(given) - set(accepted))
+  if unknown or not given:
+    raise ValueError(f"{key}={text!r}: unknown {unknown}; accepted: {sorted(accepted)}.")
+  return given
+
+
 def write_json(path: str, value: Any) -> None:
   """Writes JSON atomically (a temporary file renamed into place)."""
   directory = os.path.dirname(os.path.abspath(path))

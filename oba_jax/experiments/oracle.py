@@ -92,18 +92,11 @@ def _smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
-def _names(text: str) -> list[str]:
-  return [n for n in text.split(",") if n]
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError (or FileNotFoundError) naming the first bad setting; reads no data."""
   for key, accepted in (("models", models.MODELS), ("bn_modes", BN_MODES),
                         ("criteria", prune.CRITERIA)):
-    names = _names(config[key])
-    unknown = sorted(set(names) - set(accepted))
-    if unknown or not names:
-      raise ValueError(f"{key}={config[key]!r}: unknown {unknown}; accepted: {sorted(accepted)}.")
+    cli.check_names(key, config[key], accepted)
   if config.dataset not in data.DATASETS:
     raise ValueError(f"dataset={config.dataset!r} is not supported; accepted: "
                      f"{sorted(data.DATASETS)}.")
@@ -168,13 +161,12 @@ def sample_removals(groups: Sequence[structure.Group], max_removals: int,
 
 def removal_study(
     model: nnx.Module,
-    example: jax.Array,
+    traced: structure.Structure,
     batches: Sequence[PyTree],
     *,
     criteria: Sequence[str],
     removals: Sequence[tuple[str, int]],
     key: jax.Array,
-    ignore: Sequence[str] = (),
     mesh: Mesh | None = None,
     progress: bool = False,
 ) -> Study:
@@ -182,13 +174,12 @@ def removal_study(
 
   Args:
     model: the trained classifier, in the BatchNorm mode to study (not modified).
-    example: an input batch for `structure.trace`.
+    traced: the model's groups, `structure.trace(model, example, ignore=...)`.
     batches: the held-out `{"image", "label"}` batches; all of them are read for
       every quantity (the loss is their mean).
     criteria: names in `prune.CRITERIA`.
     removals: (group name, index) pairs, e.g. from `sample_removals`.
     key: PRNG key of the random criteria.
-    ignore: parameter path prefixes never pruned (see `structure.trace`).
     mesh: the device mesh the batches are split over (default: all devices).
     progress: show progress bars.
   """
@@ -198,8 +189,7 @@ def removal_study(
   if not batches:
     raise ValueError("removal_study needs at least one held-out batch.")
   mesh = data_mesh() if mesh is None else mesh
-  found = structure.trace(model, example, ignore=tuple(ignore))
-  sizes = {g.name: g.size for g in found.groups}
+  sizes = {g.name: g.size for g in traced.groups}
   for group, index in removals:
     if group not in sizes or not 0 <= index < sizes[group]:
       raise ValueError(f"removal ({group!r}, {index}) is not an index of a group of this model; "
@@ -220,7 +210,7 @@ def removal_study(
   true, prediction = [], {c: [] for c in criteria}
   per_removal = jax.jit(functools.partial(_removal_terms, objective, tuple(coupled)))
   for group, index in _bar(removals, progress, "removals"):
-    mask = masks.from_removed(found, {group: [index]}, params)
+    mask = masks.from_removed(traced, {group: [index]}, params)
     removed_loss, terms = _mean_over(sharded, per_removal, params, mask, key)
     true.append(float(removed_loss) - loss)
     for c in entrywise:
@@ -236,7 +226,7 @@ def removal_study(
     attribution[c] = {
         reduction: np.array([reduced[g][i] for g, i in removals])
         for reduction in ("paper", "sum")
-        for reduced in [structure.group_scores(found, scores, reduction=reduction)]}
+        for reduced in [structure.group_scores(traced, scores, reduction=reduction)]}
   seconds["attribution"] = time.perf_counter() - start
   return Study(removals=tuple((g, int(i)) for g, i in removals), true=np.array(true),
                prediction={c: np.array(v) for c, v in prediction.items()},
@@ -257,7 +247,11 @@ def _removal_terms(objective, coupled, params, batch, mask, key):
 
 
 def _mean_over(batches, fn, params, *args):
-  """The mean of `fn(params, batch, *args)` over the batches (the key folded per batch)."""
+  """The mean of `fn(params, batch, *args)` over the batches (the key folded per batch).
+
+  Not `scores.accumulate`: that jits a new step on every call, and this runs once
+  per removal with the same jitted `fn`.
+  """
   total = None
   for i, batch in enumerate(batches):
     call_args = [jax.random.fold_in(a, i) if _is_key(a) else a for a in args]
@@ -380,14 +374,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             batch_size=config.batch_size, train=False,
                             data_dir=config.data_dir))
   example = jnp.asarray(held_out[0]["image"][:1])
-  criteria = _names(config.criteria)
+  criteria = cli.names(config.criteria)
   studies = []
-  for model_name in _names(config.models):
+  for model_name in cli.names(config.models):
     dense = _dense(model_name, config, info, workdir)
     accuracy = train.evaluate(dense, held_out)["accuracy"]
-    groups = structure.trace(dense, example).groups
+    traced = structure.trace(dense, example)
+    groups = traced.groups
     removals = sample_removals(groups, config.max_removals, config.seed)
-    for bn_mode in _names(config.bn_modes):
+    for bn_mode in cli.names(config.bn_modes):
       path = os.path.join(workdir, model_name, f"{bn_mode}.json")
       if os.path.exists(path):
         with open(path) as f:
@@ -400,7 +395,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           model.eval()
         usable = [c for c in criteria
                   if not (prune.CRITERIA[c].per_example and prune.uses_batch_statistics(model))]
-        study = removal_study(model, example, held_out, criteria=usable, removals=removals,
+        study = removal_study(model, traced, held_out, criteria=usable, removals=removals,
                               key=jax.random.key(config.seed), progress=config.progress)
         cli.write_json(path, study.to_json())
       plot(study, f"{model_name}, BatchNorm {bn_mode}",
@@ -433,6 +428,12 @@ def _dense(model_name: str, config, info, workdir: str) -> nnx.Module:
   return dense
 
 
+def find_row(study: dict, criterion: str, kind: str) -> dict | None:
+  """The row of `criterion` and `kind` in one study of results.json, or None."""
+  return next((r for r in study["rows"] if (r["criterion"], r["kind"]) == (criterion, kind)),
+              None)
+
+
 def table(results: dict) -> str:
   """Spearman correlation with the true change: criteria x (model, BatchNorm mode)."""
   studies = results["studies"]
@@ -442,7 +443,7 @@ def table(results: dict) -> str:
   for criterion, kind in keys:
     values = []
     for s in studies:
-      row = next((r for r in s["rows"] if (r["criterion"], r["kind"]) == (criterion, kind)), None)
+      row = find_row(s, criterion, kind)
       values.append(f"{row['spearman']:14.3f}" if row else f"{'-':>14s}")
     label = kind.replace("attribution_", "full/")
     lines.append(f"{criterion:16s} {label:10s} " + " ".join(values))

@@ -125,11 +125,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for name, value, accepted in choices:
     if value not in accepted:
       raise ValueError(f"{name}={value!r} is not supported; accepted: {sorted(accepted)}.")
-  criteria = _criteria(config)
-  unknown = sorted(set(criteria) - set(prune.CRITERIA))
-  if unknown or not criteria:
-    raise ValueError(f"criteria={config.criteria!r}: unknown {unknown}; accepted: "
-                     f"{sorted(prune.CRITERIA)}.")
+  cli.check_names("criteria", config.criteria, prune.CRITERIA)
   kind = "density" if config.mode == "unstructured" else "kept-FLOPs ratio"
   targets = tuple(config.targets)
   for target in targets:
@@ -148,10 +144,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError("give at most one of init.weights and init.checkpoint, got both.")
   if not given and not (config.dense.steps or config.dense.epochs or config.smoke):
     raise ValueError("dense.epochs=0: give the dense model as init.weights or init.checkpoint.")
-
-
-def _criteria(config: ml_collections.ConfigDict) -> list[str]:
-  return [c for c in config.criteria.split(",") if c]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -191,7 +183,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   prune_one = _unstructured if config.mode == "unstructured" else _structured
   rows = []
-  for criterion in _criteria(config):
+  for criterion in cli.names(config.criteria):
     batches = stream(config.seed + 1, config.prune.importance_batch_size,
                      augment=config.prune.augment)
     for row, tuned, compacted, mask in prune_one(config, criterion, dense, example, batches,

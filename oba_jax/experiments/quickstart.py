@@ -57,11 +57,7 @@ def _smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  criteria = [c for c in config.criteria.split(",") if c]
-  unknown = sorted(set(criteria) - set(prune.CRITERIA))
-  if unknown or not criteria:
-    raise ValueError(f"criteria={config.criteria!r}: unknown {unknown}; accepted: "
-                     f"{sorted(prune.CRITERIA)}.")
+  criteria = cli.check_names("criteria", config.criteria, prune.CRITERIA)
   if not 0 < config.target <= 1:
     raise ValueError(f"target={config.target} must be a kept-FLOPs ratio in (0, 1].")
   cli.claim_workdir(workdir, config)
