@@ -11,14 +11,19 @@ Modules, one concept each:
   plan        targets (KeptFlops, KeptParams, Density), global/local selection, schedules
   masks       structured and unstructured masks, the keep_pruned optax wrapper
   surgery     physical compaction into a smaller NNX module
-  prune       the pruning pipelines: criteria by name, one_shot, iterative, unstructured
-  train       fine-tuning and evaluation: TrainConfig, finetune (resumable), evaluate
+  criteria    criteria by name (CRITERIA) and their mean score over batches (importance)
+  prune       the pruning pipelines: StructuredConfig, one_shot, iterative; UnstructuredConfig,
+              unstructured
+  oracle      removal studies: true loss change of single removals against every criterion
+  train       fine-tuning: TrainConfig, finetune (resumable, masks kept)
+  evaluation  accuracy and loss over every example, on any mesh: evaluate
+  runs        a run's workdir: identity, orbax checkpoints, metrics history, resumption
   models      the paper's networks in Flax NNX
   weights     torchvision/timm state dicts into and out of the ImageNet models
 """
 
-from oba_jax import (curvature, delta, estimate, flops, masks, models, plan, prune, scores,
-                     structure, surgery, train, weights)
+from oba_jax import (criteria, curvature, delta, estimate, evaluation, flops, masks, models,
+                     oracle, plan, prune, runs, scores, structure, surgery, train, weights)
 from oba_jax.functional import Objective, classification, functional, softmax_cross_entropy
 
 __version__ = "0.1.0"
@@ -26,15 +31,19 @@ __version__ = "0.1.0"
 __all__ = [
     "Objective",
     "classification",
+    "criteria",
     "curvature",
     "delta",
     "estimate",
+    "evaluation",
     "flops",
     "functional",
     "masks",
     "models",
+    "oracle",
     "plan",
     "prune",
+    "runs",
     "scores",
     "softmax_cross_entropy",
     "structure",

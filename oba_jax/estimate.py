@@ -43,6 +43,24 @@ def _param_sharding(leaf, mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+  """A copy of `tree` on every device of `mesh`, from the same values on every process.
+
+  Leaves go through host memory: `device_put` of a jax.Array onto devices of
+  several processes gives arrays that orbax cannot save (jax 0.10), and typed
+  PRNG keys cannot be put there at all, only their raw data. A copy, as train
+  steps donate their state.
+  """
+  sharding = NamedSharding(mesh, PartitionSpec())
+
+  def put(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    return jax.device_put(np.asarray(x), sharding, may_alias=False)
+
+  return jax.tree.map(put, tree)
+
+
 def shard_batch(batch: PyTree, mesh: Mesh, axis: str = DATA_AXIS) -> PyTree:
   """This process's part of a batch -> a global array sharded over `axis`."""
   local_devices = mesh.local_mesh.shape[axis]

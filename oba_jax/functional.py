@@ -28,6 +28,14 @@ def functional(model: nnx.Module) -> tuple[Callable[..., Any], dict]:
   return apply_fn, nnx.to_pure_dict(params)
 
 
+def split_pure(model: nnx.Module, *, training: bool) -> tuple[nnx.GraphDef, dict, dict]:
+  """A copy of `model` in training or inference mode, split into graphdef, params, other state."""
+  model = nnx.clone(model)
+  model.train() if training else model.eval()
+  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(model_state)
+
+
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Mean softmax cross-entropy with integer labels."""
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()

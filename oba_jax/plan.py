@@ -27,7 +27,7 @@ from typing import ClassVar
 import numpy as np
 
 from oba_jax.structure.groups import Cost, Structure
-from oba_jax.validate import check_choice, check_finite
+from oba_jax.validate import check_choice, check_decreasing, check_finite, non_empty
 
 SCOPES = ("global", "local")
 
@@ -70,6 +70,30 @@ class Density:
 
   def __post_init__(self):
     _check_fraction(self.density, "Density.density")
+
+
+def _kept_target(value, name: str) -> "KeptFlops | KeptParams":
+  """`value` as a `KeptFlops` or `KeptParams`; a number is a kept-MACs fraction."""
+  if isinstance(value, (KeptFlops, KeptParams)):
+    return value
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
+    raise ValueError(
+        f"{name}: {value!r} is not a kept-MACs fraction in (0, 1], a plan.KeptFlops or a "
+        "plan.KeptParams (densities are for `unstructured`)."
+    )
+  return KeptFlops(float(value))
+
+
+def structured_targets(targets) -> tuple["KeptFlops | KeptParams", ...]:
+  """Decreasing targets of one kind (one value is one target), or a clear error naming them."""
+  if isinstance(targets, (numbers.Real, KeptFlops, KeptParams, Density)):
+    targets = (targets,)
+  kept = tuple(_kept_target(t, "targets") for t in non_empty(targets, "targets"))
+  kinds = sorted({type(t).__name__ for t in kept})
+  if len(kinds) > 1:
+    raise ValueError(f"targets={targets!r} mix {kinds}; give one kind.")
+  check_decreasing(tuple(t.ratio for t in kept), "targets")
+  return kept
 
 
 def fingerprint(structure: Structure) -> str:

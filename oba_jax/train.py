@@ -1,4 +1,4 @@
-"""Fine-tuning and evaluation of Flax NNX classifiers: optax SGD, masks kept, exact resumption.
+"""Fine-tuning of Flax NNX classifiers: optax SGD, masks kept, exact resumption.
 
 `finetune` runs one jitted step per batch from a Python loop (on XLA:CPU,
 convolution gradients inside `lax.scan` run 30-60x slower). Each batch is
@@ -8,28 +8,28 @@ so a step computes exactly the single-device update of the whole batch,
 training-mode BatchNorm included. Multi-host: after `jax.distributed.initialize()`
 every process feeds its own shard of each batch.
 
-Everything a step depends on is checkpointed with orbax in `workdir`: the
-parameters, the model's other state (BatchNorm statistics, RNG streams), the
-optimizer state (momentum, step count), the metric sums, the data iterator's
-position, the mask and the run's fingerprint. Orbax copies the arrays to host
-before `save` returns (so the next step may donate them) and writes each
-checkpoint atomically, so a run killed at any point and restarted resumes from
-its latest checkpoint and ends with the same parameters, bit for bit on the
-same devices, as a run that was never interrupted.
+Everything a step depends on is checkpointed in `workdir` (`oba_jax.runs`):
+the parameters, the model's other state (BatchNorm statistics, RNG streams),
+the optimizer state (momentum, step count), the metric sums, the data
+iterator's position, the mask and the run's identity. Orbax copies the arrays
+to host before `save` returns (so the next step may donate them) and writes
+each checkpoint atomically, so a run killed at any point and restarted resumes
+from its latest checkpoint and ends with the same parameters, bit for bit on
+the same devices, as a run that was never interrupted.
 
 The configuration is a frozen dataclass, `TrainConfig`; an ml_collections
 ConfigDict converts with `TrainConfig(**config_dict)`.
 
-This module trains and evaluates. It does not score, plan or build masks: a
-mask comes from `oba_jax.masks`, and `masks.keep_pruned` keeps it.
+This module owns the optimisation: the config, the optimizer, the step and the
+loop. Evaluation is `oba_jax.evaluation` (`evaluate` is importable from here
+too), the workdir's files are `oba_jax.runs`. It does not score, plan or build
+masks: a mask comes from `oba_jax.masks`, and `masks.keep_pruned` keeps it. It must not
+import the pruning modules (`criteria`, `prune`, `oracle`) or the experiments package.
 """
 
 import collections
 import dataclasses
-import functools
-import hashlib
 import itertools
-import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -38,25 +38,22 @@ from typing import Any, NamedTuple
 import grain
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from oba_jax import masks
-from oba_jax.delta import check_like, path_str
-from oba_jax.estimate import DATA_AXIS, data_mesh, shard_batch
-from oba_jax.functional import softmax_cross_entropy
+from oba_jax import masks, runs
+from oba_jax.delta import check_like
+from oba_jax.estimate import data_mesh, replicate, shard_batch
+from oba_jax.evaluation import evaluate, evaluate_split
+from oba_jax.functional import softmax_cross_entropy, split_pure
 from oba_jax.validate import check_choice
 
 PyTree = Any
 SCHEDULES = ("multistep", "cosine")
-METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_DIR = "checkpoints"
-_CHECKPOINTS_KEPT = 2
+__all__ = ["TrainConfig", "TrainState", "evaluate", "finetune", "learning_rate_schedule",
+           "make_optimizer", "make_train_step"]
 
 
 def _bookkeeping(default):
@@ -244,122 +241,6 @@ def make_train_step(
   return jax.jit(step, out_shardings=NamedSharding(mesh, PartitionSpec()), donate_argnums=0)
 
 
-def evaluate(
-    model: nnx.Module, batches: Iterable[PyTree], *, mesh: Mesh | None = None
-) -> dict[str, float]:
-  """Accuracy and mean softmax cross-entropy of `model` in inference mode over `batches`.
-
-  Exact over every example: a batch whose size is not a multiple of the local
-  devices (a final partial batch) is padded, and the padding is left out of
-  the sums. Multi-host: every process passes its own shard of the data; the
-  processes may hold different numbers of examples and batches.
-
-  Args:
-    model: the classifier, left as it is (a copy is put in inference mode).
-    batches: this process's batches `{"image", "label"}`, read once.
-    mesh: a device mesh with a 'data' axis; default all devices along it.
-
-  Returns:
-    {"accuracy", "loss", "count"}: over all examples of all processes.
-  """
-  mesh = data_mesh() if mesh is None else mesh
-  graphdef, params, model_state = _split_pure(model, training=False)
-  params, model_state = _replicated((params, model_state), mesh)
-  return _evaluate(graphdef, params, model_state, batches, mesh)
-
-
-def _replicated(tree: PyTree, mesh: Mesh) -> PyTree:
-  """A copy of `tree` on every device of `mesh`, from the same values on every process.
-
-  Leaves go through host memory: `device_put` of a jax.Array onto devices of
-  several processes gives arrays that orbax cannot save (jax 0.10), and typed
-  PRNG keys cannot be put there at all, only their raw data. A copy, as train
-  steps donate their state.
-  """
-  sharding = NamedSharding(mesh, PartitionSpec())
-
-  def put(x):
-    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
-    return jax.device_put(np.asarray(x), sharding, may_alias=False)
-
-  return jax.tree.map(put, tree)
-
-
-def _split_pure(model: nnx.Module, *, training: bool) -> tuple[nnx.GraphDef, dict, dict]:
-  """A copy of `model` in training or inference mode, split into graphdef, params, other state."""
-  model = nnx.clone(model)
-  model.train() if training else model.eval()
-  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
-  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(model_state)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _eval_sums(
-    graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, batch: PyTree
-) -> dict[str, jax.Array]:
-  """Summed loss and correct predictions over the batch entries marked `valid`."""
-  logits = nnx.merge(graphdef, nnx.State(params), nnx.State(model_state), copy=True)(batch["image"])
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-  correct = jnp.argmax(logits, -1) == batch["label"]
-  return {
-      "loss": jnp.sum(jnp.where(batch["valid"], losses, 0.0)),
-      "correct": jnp.sum(correct & batch["valid"], dtype=jnp.int32),
-  }
-
-
-def _evaluate(
-    graphdef: nnx.GraphDef,
-    params: PyTree,
-    model_state: PyTree,
-    batches: Iterable[PyTree],
-    mesh: Mesh,
-) -> dict[str, float]:
-  sums, count = [], 0
-  for batch, batch_count in _aligned_batches(batches, mesh.local_mesh.shape[DATA_AXIS]):
-    sums.append(_eval_sums(graphdef, params, model_state, shard_batch(batch, mesh)))
-    count += batch_count
-  if not count:
-    raise ValueError("evaluate got no examples: the batches were empty.")
-  sums = jax.device_get(sums)
-  return {
-      "accuracy": sum(int(s["correct"]) for s in sums) / count,
-      "loss": sum(float(s["loss"]) for s in sums) / count,
-      "count": count,
-  }
-
-
-def _aligned_batches(batches: Iterable[PyTree], local_devices: int) -> Iterator[tuple[dict, int]]:
-  """Pads every process's batches to one common size, a multiple of `local_devices`.
-
-  Yields `({"image", "label", "valid"}, examples in this step over all
-  processes)`. Processes agree on each step's size, and a process whose
-  batches ran out feeds padding while the others still have data.
-  """
-  multihost = jax.process_count() > 1
-  template = None
-  for batch in _then_none(batches):
-    size = 0 if batch is None else len(batch["label"])
-    sizes = multihost_utils.process_allgather(np.int32(size)) if multihost else [size]
-    padded = -(-max(sizes) // local_devices) * local_devices
-    if not padded:
-      return
-    if batch is None and template is None:
-      raise ValueError("this process got no evaluation batches while other processes did.")
-    if batch is None:
-      batch = jax.tree.map(lambda x: x[:0], template)  # only padding
-    template = batch = {"image": np.asarray(batch["image"]), "label": np.asarray(batch["label"])}
-    pad = lambda x: np.pad(x, [(0, padded - size)] + [(0, 0)] * (x.ndim - 1))
-    yield {**jax.tree.map(pad, batch), "valid": np.arange(padded) < size}, int(sum(sizes))
-
-
-def _then_none(batches: Iterable[PyTree]) -> Iterator[PyTree | None]:
-  """The batches, then None forever."""
-  yield from batches
-  while True:
-    yield None
-
-
 def finetune(
     model: nnx.Module,
     train_batches: Iterable[PyTree],
@@ -415,64 +296,49 @@ def finetune(
     raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}.")
   if not isinstance(model, nnx.Module):
     raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}.")
-  replay_eval = None if eval_batches is None else _replayable(eval_batches)
+  replay_eval = None if eval_batches is None else runs.replayable(eval_batches)
   if config.eval_every is not None and eval_batches is None:
     raise ValueError(f"config.eval_every={config.eval_every} needs eval_batches.")
-  batches = _resumable(train_batches)
-  graphdef, params, model_state = _split_pure(_reseeded(model, config.seed), training=True)
-  eval_graphdef = _split_pure(model, training=False)[0]
+  batches = runs.resumable(train_batches)
+  graphdef, params, model_state = split_pure(_reseeded(model, config.seed), training=True)
+  eval_graphdef = split_pure(model, training=False)[0]
   if mask is not None:
     check_like(mask, params, "mask", scalar_leaves_ok=True)
-  run = _run_identity(config, params, model_state, mask, extra_state, batches)
+  run = runs.identity(config.identity(), params, model_state, mask, extra_state, batches)
 
   mesh = data_mesh() if mesh is None else mesh
-  workdir = os.path.abspath(workdir)
-  metrics_path = os.path.join(workdir, METRICS_FILE)
-  manager = ocp.CheckpointManager(
-      os.path.join(workdir, CHECKPOINT_DIR),
-      options=ocp.CheckpointManagerOptions(max_to_keep=_CHECKPOINTS_KEPT),
-  )
-  try:
-    start = manager.latest_step() or 0
-    if start:
-      _check_same_run(manager, start, run, workdir)
+  with runs.RunDir(workdir, run) as rundir:
     if mask is not None:
-      mask = _replicated(jax.tree.map(jnp.asarray, mask), mesh)
+      mask = replicate(jax.tree.map(jnp.asarray, mask), mesh)
       params = masks.apply(params, mask)
     optimizer = make_optimizer(config, config.total_steps, mask)
-    state = _replicated(TrainState(params, model_state, optimizer.init(params), _zero_sums()), mesh)
-    if start:
-      state = _restore(manager, start, state, batches)
+    state = replicate(TrainState(params, model_state, optimizer.init(params), _zero_sums()), mesh)
+    if rundir.start:
+      state = rundir.restore(state, batches)
     if not isinstance(batches, grain.DatasetIterator):  # yields the same batches again: skip
-      batches = itertools.islice(batches, start, None)
-    history = _history_until(metrics_path, start)
-
-    def record(entry: dict) -> None:
-      _append(metrics_path, history, entry)
-
-    def checkpoint(step: int, state: TrainState) -> None:
-      manager.save(step, args=_save_args(state, mask, run, config, batches))
+      batches = itertools.islice(batches, rundir.start, None)
 
     def evaluate_state(state: TrainState) -> dict[str, float]:
-      return _evaluate(eval_graphdef, state.params, state.model_state, replay_eval(), mesh)
+      return evaluate_split(eval_graphdef, state.params, state.model_state, replay_eval(), mesh)
+
+    def checkpoint(step: int, state: TrainState) -> None:
+      rundir.save(step, state, mask=mask, config=dataclasses.asdict(config), batches=batches)
 
     state = _train(
         state,
         batches,
         config,
-        start=start,
+        start=rundir.start,
         train_step=make_train_step(graphdef, optimizer, mesh),
         evaluate_state=None if replay_eval is None else evaluate_state,
         checkpoint=checkpoint,
-        record=record,
+        record=rundir.record,
         mesh=mesh,
         progress=progress,
     )
-    manager.wait_until_finished()
-  finally:
-    manager.close()
+    rundir.wait_until_finished()
   trained = nnx.merge(eval_graphdef, nnx.State(state.params), nnx.State(state.model_state))
-  return trained, history
+  return trained, rundir.history
 
 
 def _train(
@@ -509,7 +375,7 @@ def _train(
       bar.update()
       if step % config.log_every == 0 or step == total:
         sums = jax.device_get(state.sums)
-        state = state._replace(sums=_replicated(_zero_sums(), mesh))
+        state = state._replace(sums=replicate(_zero_sums(), mesh))
         loss = float(sums["loss"] / sums["steps"])
         record(
             {
@@ -561,201 +427,3 @@ def _reseeded(model: nnx.Module, seed: int) -> nnx.Module:
     key = jax.random.key(seed)
     nnx.reseed(model, **{tag: jax.random.fold_in(key, i) for i, tag in enumerate(streams)})
   return model
-
-
-class _Resumable(grain.DatasetIterator):
-  """Any iterator with JSON-able `get_state`/`set_state`, as grain's orbax handler takes it.
-
-  grain saves one state file per process, so every host resumes its own shard.
-  """
-
-  def __init__(self, iterator: Iterator[PyTree]):
-    super().__init__()
-    self._iterator = iterator
-
-  def __next__(self) -> PyTree:
-    return next(self._iterator)
-
-  def get_state(self) -> dict:
-    return self._iterator.get_state()
-
-  def set_state(self, state: dict) -> None:
-    self._iterator.set_state(state)
-
-
-def _resumable(batches: Iterable[PyTree]) -> Iterator[PyTree]:
-  """An iterator over `batches` that grain can checkpoint, when `batches` has a state."""
-  iterator = iter(batches)
-  if isinstance(iterator, grain.DatasetIterator) or not _has_state(iterator):
-    return iterator
-  return _Resumable(iterator)
-
-
-def _has_state(iterator: Any) -> bool:
-  return hasattr(iterator, "get_state") and hasattr(iterator, "set_state")
-
-
-def _replayable(batches: Iterable[PyTree]) -> Callable[[], Iterable[PyTree]]:
-  """A function giving the batches again from the start, or TypeError if they cannot be."""
-  if iter(batches) is not batches:  # a collection or dataset: each iter() starts over
-    return lambda: batches
-  if not _has_state(batches):
-    raise TypeError(
-        f"eval_batches is a one-shot {type(batches).__name__}; evaluations need "
-        "a collection (e.g. a list) or an iterator with get_state/set_state."
-    )
-  start = batches.get_state()
-
-  def rewound():
-    batches.set_state(start)
-    return batches
-
-  return rewound
-
-
-def _run_identity(
-    config: TrainConfig,
-    params: PyTree,
-    model_state: PyTree,
-    mask: PyTree | None,
-    extra_state: dict | None,
-    batches: Iterator[PyTree],
-) -> dict:
-  """What a checkpoint must match to be resumed, as it reads back from JSON."""
-  if extra_state is not None and not isinstance(extra_state, dict):
-    raise TypeError(f"extra_state must be a dict or None, got {type(extra_state).__name__}.")
-  shapes = lambda tree: {
-      path_str(path): f"{jnp.result_type(leaf)}{list(jnp.shape(leaf))}"
-      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-  }
-  run = {
-      "config": config.identity(),
-      "params": shapes(params),
-      "model_state": shapes(model_state),
-      "mask": None if mask is None else _digest(mask),
-      "extra_state": extra_state,
-      "data_iterator_state": isinstance(batches, grain.DatasetIterator),
-  }
-  try:
-    return json.loads(json.dumps(run))
-  except TypeError as error:
-    raise ValueError(
-        f"extra_state must be JSON-able (dicts, lists, strings, numbers, bools, None): {error}"
-    ) from None
-
-
-def _digest(mask: PyTree) -> str:
-  """A SHA-256 of the mask's paths, shapes and values."""
-  digest = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(mask)[0]:
-    leaf = np.asarray(leaf, bool)
-    digest.update(f"{path_str(path)}{leaf.shape}".encode())
-    digest.update(np.packbits(leaf).tobytes())
-  return digest.hexdigest()
-
-
-def _check_same_run(manager: ocp.CheckpointManager, step: int, run: dict, workdir: str) -> None:
-  """Raises ValueError naming what differs if the checkpoint at `step` is of another run."""
-  try:
-    saved = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  except KeyError:
-    raise ValueError(
-        f"{workdir} holds a checkpoint (step {step}) that finetune did not "
-        "write; nothing was changed. Use another workdir."
-    ) from None
-  differences = list(_differences(saved["run"], run))
-  if differences:
-    shown = "; ".join(differences[:5]) + (
-        f"; and {len(differences) - 5} more" if len(differences) > 5 else ""
-    )
-    raise ValueError(
-        f"{workdir} holds a checkpoint (step {step}) of another run; nothing was "
-        f"changed. Use another workdir, or delete this one to start over. "
-        f"Differences: {shown}."
-    )
-
-
-def _differences(saved: Any, current: Any, path: str = "") -> Iterator[str]:
-  """'path is <saved> in the checkpoint, <current> now' for every leaf where they differ."""
-  if isinstance(saved, dict) and isinstance(current, dict):
-    for key in dict.fromkeys([*current, *saved]):  # in the order of the current run
-      yield from _differences(
-          saved.get(key, "absent"), current.get(key, "absent"), f"{path}.{key}" if path else key
-      )
-  elif saved != current:
-    yield f"{path} is {saved!r} in the checkpoint, {current!r} now"
-
-
-def _save_args(
-    state: TrainState,
-    mask: PyTree | None,
-    run: dict,
-    config: TrainConfig,
-    batches: Iterator[PyTree],
-) -> ocp.args.Composite:
-  items = {
-      "state": ocp.args.StandardSave(state),
-      "meta": ocp.args.JsonSave({"run": run, "config": dataclasses.asdict(config)}),
-  }
-  if mask is not None:
-    items["mask"] = ocp.args.StandardSave(mask)
-  if isinstance(batches, grain.DatasetIterator):
-    items["data"] = grain.checkpoint.CheckpointSave(batches)
-  return ocp.args.Composite(**items)
-
-
-def _restore(
-    manager: ocp.CheckpointManager, step: int, state: TrainState, batches: Iterator[PyTree]
-) -> TrainState:
-  """The train state saved at `step`, placed like `state`; moves a grain `batches` there too."""
-  target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-  )
-  items = {"state": ocp.args.StandardRestore(target)}
-  if isinstance(batches, grain.DatasetIterator):
-    items["data"] = grain.checkpoint.CheckpointRestore(batches)
-  return TrainState(*manager.restore(step, args=ocp.args.Composite(**items))["state"])
-
-
-def read_extra_state(workdir: str | os.PathLike) -> dict | None:
-  """The `extra_state` saved with the latest checkpoint in `workdir`, or None if there is none.
-
-  E.g. the pruning plan and widths needed to rebuild a compacted model before resuming.
-  """
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
-    return None
-  with ocp.CheckpointManager(directory) as manager:
-    step = manager.latest_step()
-    if step is None:
-      return None
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  return meta["run"]["extra_state"]
-
-
-def _history_until(path: str, step: int) -> list[dict]:
-  """The records in `path` up to `step`; process 0 drops later ones from the file."""
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    lines = f.read().splitlines()
-  records = []
-  for index, line in enumerate(lines):
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError:
-      if index != len(lines) - 1:  # only the last line may be cut short by a kill
-        raise ValueError(f"{path} line {index + 1} is not JSON: {line[:80]!r}") from None
-  kept = [r for r in records if r["step"] <= step]
-  if len(kept) != len(lines) and jax.process_index() == 0:
-    with open(path + ".tmp", "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(path + ".tmp", path)
-  return kept
-
-
-def _append(path: str, history: list[dict], record: dict) -> None:
-  history.append(record)
-  if jax.process_index() == 0:
-    with open(path, "a") as f:
-      f.write(json.dumps(record) + "\n")

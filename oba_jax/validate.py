@@ -1,5 +1,7 @@
 """Checks that turn bad input into clear errors before any work is done."""
 
+import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -49,3 +51,26 @@ def check_finite(tree: PyTree, what: str = "scores") -> PyTree:
           "Check the loss at these parameters (divergent model, log(0), or too large a delta)."
       )
   return tree
+
+
+def check_count(value, name: str) -> None:
+  """Raises ValueError unless `value` is an integer >= 1 (a bool is not)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    raise ValueError(f"{name}={value!r} is not an integer >= 1.")
+
+
+def non_empty(values, name: str) -> tuple:
+  """`values` as a tuple, or ValueError unless it is a non-empty sequence (not a string)."""
+  if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+    raise ValueError(f"{name}={values!r} is not a non-empty sequence.")
+  return tuple(values)
+
+
+def check_decreasing(values, name: str) -> None:
+  """Raises ValueError unless `values` are fractions in (0, 1], strictly decreasing."""
+  values = non_empty(values, name)
+  for value in values:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
+      raise ValueError(f"{name}={values!r}: {value!r} is not a fraction in (0, 1].")
+  if any(later >= earlier for earlier, later in zip(values, values[1:])):
+    raise ValueError(f"{name}={values!r} is not strictly decreasing.")

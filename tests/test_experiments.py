@@ -8,13 +8,12 @@ import sys
 import pytest
 
 from oba_jax.experiments import cli, quickstart
+import clis
 from markers import needs_fashion_mnist
 
 
 def smoke_config(**overrides):
-  config = quickstart.get_config()
-  config.update(smoke=True, progress=False, **overrides)
-  return config
+  return clis.smoke_config(quickstart, **overrides)
 
 
 @pytest.fixture(scope="module")

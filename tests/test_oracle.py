@@ -11,9 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oba_jax import masks, models, structure, train
-from oba_jax.experiments import cli, oracle
+from oba_jax import criteria, masks, models, oracle, structure
+from oba_jax.evaluation import evaluate
+from oba_jax.experiments import cli
+from oba_jax.experiments import oracle as oracle_cli
 from oba_jax.functional import classification, functional
+import clis
 from markers import needs_fashion_mnist
 
 KEY = jax.random.key(0)
@@ -42,12 +45,12 @@ def study(model):
 
 def test_true_change_is_the_loss_of_the_model_with_the_channel_zeroed(model, study):
   found = structure.trace(model, jnp.asarray(batches()[0]["image"][:1]))
-  dense_loss = train.evaluate(model, batches())["loss"]
+  dense_loss = evaluate(model, batches())["loss"]
   assert study.loss == pytest.approx(dense_loss, rel=1e-5)
   for (group, index), change in zip(study.removals[:4], study.true[:4]):
     removed = masks.apply(model, masks.from_removed(found, {group: [index]},
                                                     functional(model)[1]))
-    assert change == pytest.approx(train.evaluate(removed, batches())["loss"] - dense_loss,
+    assert change == pytest.approx(evaluate(removed, batches())["loss"] - dense_loss,
                                    abs=1e-5)
 
 
@@ -59,7 +62,7 @@ def test_restricted_predictions_are_the_criteria_scores_of_that_removal(model, s
   keep = masks.from_removed(found, {group: [index]}, params)
   delta = jax.tree.map(lambda p, k: jnp.where(k, 0.0, -p), params, keep)
   for c in ("taylor", "oba", "taylor3"):
-    scores = [oracle.prune.CRITERIA[c].score(objective, params, b, KEY, delta=delta)
+    scores = [criteria.CRITERIA[c].score(objective, params, b, KEY, delta=delta)
               for b in batches()]
     expected = np.mean([sum(float(jnp.sum(x)) for x in jax.tree.leaves(s)) for s in scores])
     assert study.prediction[c][3] == pytest.approx(expected, rel=1e-4, abs=1e-7)
@@ -89,13 +92,13 @@ def test_attention_heads_are_removed_whole():
   removals = [(heads.name, 1), (heads.name, 3)]
   study = oracle.removal_study(vit, found, batches(), criteria=("taylor", "oba"),
                                removals=removals, key=KEY)
-  dense_loss = train.evaluate(vit, batches())["loss"]
+  dense_loss = evaluate(vit, batches())["loss"]
   for (group, index), change in zip(removals, study.true):
     keep = masks.from_removed(found, {group: [index]}, functional(vit)[1])
     query = np.asarray(keep["layers"][0]["attention"]["query"]["kernel"]).reshape(16, 4, 4)
     assert not query[:, index].any() and query[:, [i for i in range(4) if i != index]].all()
     removed = masks.apply(vit, keep)
-    assert change == pytest.approx(train.evaluate(removed, batches())["loss"] - dense_loss,
+    assert change == pytest.approx(evaluate(removed, batches())["loss"] - dense_loss,
                                    abs=1e-5)
 
 
@@ -170,22 +173,20 @@ def test_sample_removals_is_every_index_or_a_seeded_sample(model):
 
 
 def smoke_config(**overrides):
-  config = oracle.get_config()
-  config.update(smoke=True, progress=False, **overrides)
-  return config
+  return clis.smoke_config(oracle_cli, **overrides)
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("oracle"))
   config = smoke_config(models="vgg11_cifar")
-  return workdir, config, oracle.run(config, workdir)
+  return workdir, config, oracle_cli.run(config, workdir)
 
 
 @needs_fashion_mnist
 def test_cli_smoke_run_writes_a_consistent_study_and_resumes(smoke_run):
   workdir, config, results = smoke_run
-  with open(os.path.join(workdir, oracle.RESULTS_FILE)) as f:
+  with open(os.path.join(workdir, oracle_cli.RESULTS_FILE)) as f:
     assert json.load(f)["studies"] == json.loads(json.dumps(results["studies"]))
   assert [(s["model"], s["bn_mode"]) for s in results["studies"]] == [
       ("vgg11_cifar", "eval"), ("vgg11_cifar", "train")]
@@ -200,11 +201,11 @@ def test_cli_smoke_run_writes_a_consistent_study_and_resumes(smoke_run):
         (f"T{k}", "prediction") for k in (1, 2, 3, 4)}
     assert os.path.exists(os.path.join(workdir, f"vgg11_cifar_{s['bn_mode']}.png"))
   stamp = os.path.getmtime(os.path.join(workdir, "vgg11_cifar", "eval.json"))
-  again = oracle.run(config, workdir)  # reuses the model and the saved studies
+  again = oracle_cli.run(config, workdir)  # reuses the model and the saved studies
   assert again["studies"] == results["studies"]
   assert os.path.getmtime(os.path.join(workdir, "vgg11_cifar", "eval.json")) == stamp
   with pytest.raises(ValueError, match=r"another configuration \(differs in \['seed'\]\)"):
-    oracle.run(smoke_config(models="vgg11_cifar", seed=3), workdir)
+    oracle_cli.run(smoke_config(models="vgg11_cifar", seed=3), workdir)
 
 
 @pytest.mark.slow  # two of six runs of this command aborted in XLA (SIGABRT) here; open
@@ -260,13 +261,13 @@ def test_the_command_on_eight_devices_gives_the_same_study(smoke_run, tmp_path):
 def test_bad_config_is_refused_before_the_workdir_is_touched(tmp_path, overrides, message):
   error = FileNotFoundError if "data_dir" in overrides else ValueError
   with pytest.raises(error, match=message):
-    oracle.run(smoke_config(**overrides), str(tmp_path / "run"))
+    oracle_cli.run(smoke_config(**overrides), str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
 
 
 @pytest.mark.slow
 @needs_fashion_mnist
 def test_default_smoke_run_covers_both_models(tmp_path):
-  results = oracle.run(smoke_config(), str(tmp_path))
+  results = oracle_cli.run(smoke_config(), str(tmp_path))
   assert {s["model"] for s in results["studies"]} == {"vgg11_cifar", "resnet20_cifar"}
   assert cli.CONFIG_FILE in os.listdir(tmp_path)

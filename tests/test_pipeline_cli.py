@@ -9,6 +9,7 @@ import pytest
 import safetensors.numpy
 import tensorflow_datasets as tfds
 
+import clis
 from oba_jax import models, weights
 from oba_jax.experiments import (cli, pipeline, resnet32_cifar, resnet50_imagenet, unstructured,
                                  vgg19_cifar, vit_b16_imagenet)
@@ -23,15 +24,8 @@ def mock_tfds():
     yield
 
 
-def smoke(module, **overrides):
-  config = module.get_config()
-  config.update(smoke=True, progress=False)
-  config.update_from_flattened_dict(overrides)  # keys like "init.weights"
-  return config
-
-
 def run(module, workdir, **overrides) -> dict:
-  results = pipeline.run(smoke(module, **overrides), str(workdir))
+  results = pipeline.run(clis.smoke_config(module, **overrides), str(workdir))
   with open(os.path.join(workdir, pipeline.RESULTS_FILE)) as f:
     assert json.load(f)["pruned"] == json.loads(json.dumps(results["pruned"]))
   return results
@@ -73,7 +67,8 @@ def test_rerun_resumes_and_another_config_is_refused_untouched(resnet32_run):
   assert [r["accuracy"] for r in again["pruned"]] == [r["accuracy"] for r in results["pruned"]]
   before = {name: os.path.getmtime(os.path.join(workdir, name)) for name in os.listdir(workdir)}
   with pytest.raises(ValueError, match=r"another configuration \(differs in \['seed'\]\)"):
-    pipeline.run(smoke(resnet32_cifar, criteria="oba", targets=(0.6, 0.4), seed=1), str(workdir))
+    pipeline.run(clis.smoke_config(resnet32_cifar, criteria="oba", targets=(0.6, 0.4), seed=1),
+                 str(workdir))
   assert {n: os.path.getmtime(os.path.join(workdir, n)) for n in os.listdir(workdir)} == before
 
 
@@ -101,7 +96,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, resnet32_run):
 
 @pytest.mark.slow
 def test_resnet50_from_torchvision_weights(tmp_path):
-  config = smoke(resnet50_imagenet, criteria="magnitude")
+  config = clis.smoke_config(resnet50_imagenet, criteria="magnitude")
   model = models.create("resnet50", num_classes=1000, **config.smoke_model_kwargs.to_dict())
   path = str(tmp_path / "resnet50.safetensors")
   safetensors.numpy.save_file(weights.export(model), path)
@@ -129,13 +124,13 @@ def test_vit_b16_keeps_the_patch_embedding(tmp_path):
 ])
 def test_bad_config_fails_before_any_work(tmp_path, overrides, error, message):
   with pytest.raises(error, match=message):
-    pipeline.run(smoke(vgg19_cifar, **overrides), str(tmp_path))
+    pipeline.run(clis.smoke_config(vgg19_cifar, **overrides), str(tmp_path))
   assert os.listdir(tmp_path) == []
 
 
 def test_unstructured_targets_are_densities(tmp_path):
   with pytest.raises(ValueError, match=r"target=2 .* must be a density in \(0, 1\]"):
-    pipeline.run(smoke(unstructured, targets=(0.5, 2)), str(tmp_path))
+    pipeline.run(clis.smoke_config(unstructured, targets=(0.5, 2)), str(tmp_path))
 
 
 def test_imagenet_needs_the_dense_weights(tmp_path):

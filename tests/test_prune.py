@@ -1,4 +1,4 @@
-"""The pruning pipelines: criteria by name, one-shot, iterative and unstructured, bad input."""
+"""The pruning pipelines and the criteria they use: one-shot, iterative, unstructured, bad input."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import oba_jax
-from oba_jax import masks, plan, prune
+from oba_jax import criteria, masks, plan, prune
 from oba_jax.models import ResNetCIFAR
 
 KEY = jax.random.key(0)
@@ -64,26 +64,26 @@ def assert_trees_equal(a, b):
 # --- criteria -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("criterion", sorted(prune.CRITERIA))
+@pytest.mark.parametrize("criterion", sorted(criteria.CRITERIA))
 def test_every_criterion_scores_every_parameter(criterion):
   model = TinyNet(nnx.Rngs(0))
   model.eval()
-  batches = Unreadable() if not prune.CRITERIA[criterion].uses_data else BATCHES
-  score = prune.importance(criterion, model, batches, num_batches=2, key=KEY)
+  batches = Unreadable() if not criteria.CRITERIA[criterion].uses_data else BATCHES
+  score = criteria.importance(criterion, model, batches, num_batches=2, key=KEY)
   assert jax.tree.structure(score) == jax.tree.structure(params_of(model))
   assert all(np.isfinite(s).all() for s in jax.tree.leaves(score))
   assert np.any(score["conv"]["kernel"]) and np.any(score["classifier"]["kernel"])
   assert not np.any(score["bn"]["scale"])  # BatchNorm is not prunable
 
 
-@pytest.mark.parametrize("criterion", sorted(prune.CRITERIA))
+@pytest.mark.parametrize("criterion", sorted(criteria.CRITERIA))
 def test_entrywise_criteria_predict_a_subset_by_summing_full_removal_scores(criterion):
   """`entrywise` is true exactly when restricting the delta equals masking the scores."""
   model = TinyNet(nnx.Rngs(0))
   model.eval()
   apply_fn, params = oba_jax.functional(model)
   objective = oba_jax.classification(apply_fn)
-  score = lambda delta: prune.CRITERIA[criterion].score(objective, params, BATCHES[0], KEY,
+  score = lambda delta: criteria.CRITERIA[criterion].score(objective, params, BATCHES[0], KEY,
                                                         delta=delta)
   subset = jax.tree.map(lambda p: jnp.arange(p.size).reshape(p.shape) % 3 == 0, params)
   full = jax.tree.map(jnp.negative, params)
@@ -91,26 +91,26 @@ def test_entrywise_criteria_predict_a_subset_by_summing_full_removal_scores(crit
   total = lambda tree: sum(float(jnp.sum(x)) for x in jax.tree.leaves(tree))
   in_subset = total(jax.tree.map(lambda s, m: jnp.where(m, s, 0.0), score(full), subset))
   matches = np.isclose(total(score(restricted)), in_subset, rtol=1e-5, atol=1e-8)
-  assert matches == prune.CRITERIA[criterion].entrywise
+  assert matches == criteria.CRITERIA[criterion].entrywise
 
 
 def test_per_example_criteria_refuse_batch_statistics():
   model = TinyNet(nnx.Rngs(0))
   model.train()
   with pytest.raises(ValueError, match="'obd_fisher' runs the model one example at a time"):
-    prune.importance("obd_fisher", model, Unreadable(), num_batches=1, key=KEY)
+    criteria.importance("obd_fisher", model, Unreadable(), num_batches=1, key=KEY)
 
 
 def test_magnitude_scores_are_the_weights_magnitudes():
   model = TinyNet(nnx.Rngs(0))
-  score = prune.importance("magnitude", model, Unreadable(), num_batches=None, key=KEY)
+  score = criteria.importance("magnitude", model, Unreadable(), num_batches=None, key=KEY)
   np.testing.assert_array_equal(score["conv"]["kernel"], jnp.abs(model.conv.kernel.get_value()))
 
 
 def test_importance_scores_in_the_models_batchnorm_mode_without_updating_it():
   model = TinyNet(nnx.Rngs(0))
   statistics = jax.tree.map(jnp.copy, nnx.state(model, nnx.BatchStat))
-  score = lambda: prune.importance("oba", model, BATCHES, num_batches=1, key=KEY)
+  score = lambda: criteria.importance("oba", model, BATCHES, num_batches=1, key=KEY)
   model.train()
   in_training = score()
   model.eval()
@@ -129,10 +129,7 @@ def test_one_shot_meets_the_target_in_monotone_steps(resnet):
       resnet,
       X,
       BATCHES,
-      criterion="oba",
-      target=0.5,
-      steps=3,
-      num_batches=1,
+      prune.StructuredConfig(criterion="oba", targets=0.5, steps=3, num_batches=1),
       key=KEY,
       callback=lambda record, masked, chosen: seen.append((record, chosen)),
   )
@@ -164,12 +161,8 @@ def test_one_shot_kept_params_linear_schedule(resnet):
       resnet,
       X,
       BATCHES,
-      criterion="magnitude",
-      target=plan.KeptParams(0.6),
-      steps=2,
-      schedule="linear",
-      reduction="sum",
-      round_to=2,
+      prune.StructuredConfig(criterion="magnitude", targets=plan.KeptParams(0.6), steps=2,
+                             schedule="linear", reduction="sum", round_to=2),
       key=KEY,
   )
   assert [r.target for r in result.history] == list(plan.linear_schedule(0.6, 2))
@@ -195,10 +188,8 @@ def test_iterative_finetunes_after_every_target_and_continues_from_it(resnet):
       resnet,
       X,
       BATCHES,
-      targets=(0.8, 0.6),
+      prune.StructuredConfig(criterion="magnitude", targets=(0.8, 0.6), steps=2),
       finetune=finetune,
-      criterion="magnitude",
-      steps=2,
       key=KEY,
   )
 
@@ -239,10 +230,8 @@ def test_unstructured_densities_are_exact_and_masks_shrink(scope):
   results = prune.unstructured(
       model,
       BATCHES,
-      criterion="random",
-      densities=densities,
-      steps_per_density=2,
-      scope=scope,
+      prune.UnstructuredConfig(criterion="random", densities=densities, steps_per_density=2,
+                               scope=scope),
       key=KEY,
   )
   assert [r.density for r in results] == list(densities)
@@ -264,14 +253,12 @@ def test_unstructured_rescores_the_masked_model(resnet):
   results = prune.unstructured(
       resnet,
       BATCHES,
-      criterion="taylor",
-      densities=(0.7, 0.4),
-      num_batches=1,
+      prune.UnstructuredConfig(criterion="taylor", densities=(0.7, 0.4), num_batches=1),
       key=KEY,
       callback=lambda record, masked, mask: seen.append(record),
   )
   assert [(s.step, s.density) for s in seen] == [(0, 0.7), (1, 0.4)]
-  score = lambda model: prune.importance("taylor", model, BATCHES, num_batches=1, key=KEY)
+  score = lambda model: criteria.importance("taylor", model, BATCHES, num_batches=1, key=KEY)
   first = masks.global_density(score(resnet), 0.7)
   assert_trees_equal(results[0].mask, first)
   assert_trees_equal(results[1].mask, masks.global_density(score(masks.apply(resnet, first)), 0.4))
@@ -281,8 +268,9 @@ def test_unstructured_rescores_the_masked_model(resnet):
 
 
 def one_shot_with(**changes):
-  arguments = dict(criterion="oba", target=0.5, steps=2, num_batches=1, key=KEY) | changes
-  return prune.one_shot(TinyNet(nnx.Rngs(0)), X, Unreadable(), **arguments)
+  settings = dict(criterion="oba", targets=0.5, steps=2, num_batches=1) | changes
+  return prune.one_shot(TinyNet(nnx.Rngs(0)), X, Unreadable(),
+                        prune.StructuredConfig(**settings), key=KEY)
 
 
 @pytest.mark.parametrize(
@@ -292,8 +280,8 @@ def one_shot_with(**changes):
             dict(criterion="hessian"),
             r"criterion='hessian' is not supported; accepted: \['magnitude'",
         ),
-        (dict(target=1.5), r"target: 1.5 is not a kept-MACs fraction in \(0, 1\]"),
-        (dict(target=plan.Density(0.5)), r"densities are for `unstructured`"),
+        (dict(targets=1.5), r"targets: 1.5 is not a kept-MACs fraction in \(0, 1\]"),
+        (dict(targets=plan.Density(0.5)), r"densities are for `unstructured`"),
         (dict(steps=0), r"steps=0 is not an integer >= 1"),
         (dict(schedule="cosine"), r"schedule='cosine' is not supported; accepted: \['exponential'"),
         (dict(reduction="max"), r"reduction='max' is not supported; accepted: \['paper', 'sum'\]"),
@@ -324,16 +312,16 @@ def test_iterative_bad_targets(targets, message):
         TinyNet(nnx.Rngs(0)),
         X,
         Unreadable(),
-        targets=targets,
+        prune.StructuredConfig(criterion="oba", targets=targets),
         finetune=lambda m, p: m,
-        criterion="oba",
         key=KEY,
     )
 
 
 def test_iterative_needs_a_callable_finetune():
   with pytest.raises(TypeError, match="finetune=None is not a callable"):
-    prune.iterative(TinyNet(nnx.Rngs(0)), X, Unreadable(), finetune=None, criterion="oba", key=KEY)
+    prune.iterative(TinyNet(nnx.Rngs(0)), X, Unreadable(),
+                    prune.StructuredConfig(criterion="oba", targets=0.5), finetune=None, key=KEY)
 
 
 @pytest.mark.parametrize(
@@ -350,11 +338,34 @@ def test_iterative_needs_a_callable_finetune():
     ],
 )
 def test_unstructured_bad_input(changes, message):
-  arguments = dict(criterion="oba", key=KEY) | changes
+  settings = dict(criterion="oba") | changes
   with pytest.raises(ValueError, match=message):
-    prune.unstructured(TinyNet(nnx.Rngs(0)), Unreadable(), **arguments)
+    prune.unstructured(TinyNet(nnx.Rngs(0)), Unreadable(), prune.UnstructuredConfig(**settings),
+                       key=KEY)
 
 
 def test_importance_unknown_criterion():
   with pytest.raises(ValueError, match=r"criterion='OBA' is not supported; accepted: .*'oba'"):
-    prune.importance("OBA", TinyNet(nnx.Rngs(0)), Unreadable(), num_batches=1, key=KEY)
+    criteria.importance("OBA", TinyNet(nnx.Rngs(0)), Unreadable(), num_batches=1, key=KEY)
+
+
+def test_one_shot_takes_one_target():
+  config = prune.StructuredConfig(criterion="oba", targets=(0.6, 0.5))
+  with pytest.raises(ValueError, match=r"one_shot prunes to one target, got targets=\(KeptFlops"):
+    prune.one_shot(TinyNet(nnx.Rngs(0)), X, Unreadable(), config, key=KEY)
+
+
+def test_drivers_take_their_config_class():
+  with pytest.raises(TypeError, match="config must be a prune.StructuredConfig, got dict"):
+    prune.one_shot(TinyNet(nnx.Rngs(0)), X, Unreadable(), {"criterion": "oba"}, key=KEY)
+  with pytest.raises(TypeError, match="config must be a prune.UnstructuredConfig, got Struct"):
+    prune.unstructured(TinyNet(nnx.Rngs(0)), Unreadable(),
+                       prune.StructuredConfig(criterion="oba", targets=0.5), key=KEY)
+
+
+def test_configs_are_frozen_and_normalised():
+  config = prune.StructuredConfig(criterion="taylor", targets=[0.5, 0.25], ignore=["classifier"])
+  assert config.targets == (plan.KeptFlops(0.5), plan.KeptFlops(0.25))
+  assert config.ignore == ("classifier",)
+  with pytest.raises(AttributeError):
+    config.steps = 3

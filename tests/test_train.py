@@ -21,7 +21,8 @@ from flax import nnx
 
 import oba_jax
 import train_worker
-from oba_jax import masks, scores, train
+from oba_jax import masks, runs, scores, train
+from oba_jax.evaluation import evaluate
 from oba_jax.models import ResNetCIFAR
 
 WORKER = train_worker.__file__
@@ -124,7 +125,7 @@ RESNET_CONFIG = train.TrainConfig(
 
 def test_finetune_lowers_the_loss_and_evaluates(tmp_path, resnet):
   eval_batches = train_worker.eval_problem()[1]
-  before = train.evaluate(resnet, eval_batches)
+  before = evaluate(resnet, eval_batches)
   model, history = train.finetune(
       resnet,
       train_worker.SyntheticBatches(16),
@@ -138,9 +139,9 @@ def test_finetune_lowers_the_loss_and_evaluates(tmp_path, resnet):
   assert [r["step"] for r in evals] == [15, 30]
   assert losses[-1] < 0.5 * losses[0]
   assert evals[-1]["eval_loss"] < 0.5 * before["loss"]
-  after = train.evaluate(model, eval_batches)
+  after = evaluate(model, eval_batches)
   assert {name: evals[-1][f"eval_{name}"] for name in after} == after
-  with open(tmp_path / train.METRICS_FILE) as f:
+  with open(tmp_path / runs.METRICS_FILE) as f:
     assert [json.loads(line) for line in f] == history
 
 
@@ -158,7 +159,7 @@ def test_finetune_keeps_masked_weights_at_exactly_zero(tmp_path, resnet):
   assert masks.sparsity(tuned).total == pytest.approx(0.5, abs=1e-3)
   moved = jax.tree.map(lambda new, old, keep: np.sum((new != old) & keep), tuned, params, kept)
   assert sum(jax.tree.leaves(moved)) > 0.9 * sum(np.sum(k) for k in jax.tree.leaves(kept))
-  assert (tmp_path / train.CHECKPOINT_DIR / "6" / "mask").is_dir()
+  assert (tmp_path / runs.CHECKPOINT_DIR / "6" / "mask").is_dir()
 
 
 def test_config_seed_restarts_the_models_rng_streams(tmp_path):
@@ -190,14 +191,14 @@ def uninterrupted(tmp_path_factory):
 
 def finished_steps(workdir) -> list[int]:
   """The steps of the checkpoints that orbax has finished writing in `workdir`."""
-  directory = workdir / train.CHECKPOINT_DIR
+  directory = workdir / runs.CHECKPOINT_DIR
   if not directory.exists():
     return []
   return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
 def read_history(workdir) -> list[dict]:
-  path = workdir / train.METRICS_FILE
+  path = workdir / runs.METRICS_FILE
   if not path.exists():
     return []
   with open(path) as f:
@@ -261,7 +262,7 @@ def test_resumes_exactly_from_the_last_checkpoint(tmp_path, make_batches):
 
   reference_params, reference_history = run()
   last = finished_steps(tmp_path)[-1]
-  shutil.rmtree(tmp_path / train.CHECKPOINT_DIR / str(last))  # as if killed before writing it
+  shutil.rmtree(tmp_path / runs.CHECKPOINT_DIR / str(last))  # as if killed before writing it
   params, history = run()
   assert finished_steps(tmp_path)[-1] == last
   assert_same_params(params, reference_params)
@@ -312,7 +313,7 @@ def test_checkpoint_of_another_run_is_an_error_and_nothing_changes(uninterrupted
 
 
 def test_extra_state_is_saved_with_the_checkpoints(tmp_path):
-  assert train.read_extra_state(tmp_path) is None
+  assert runs.read_extra_state(tmp_path) is None
   plan = {"plan": {"removed": {"stem": [0, 2]}}, "widths": [2, 4]}
   config = train.TrainConfig(steps=2, batch_size=8)
   train.finetune(
@@ -323,12 +324,12 @@ def test_extra_state_is_saved_with_the_checkpoints(tmp_path):
       extra_state=plan,
       progress=False,
   )
-  assert train.read_extra_state(tmp_path) == plan
+  assert runs.read_extra_state(tmp_path) == plan
 
 
 def test_evaluate_is_exact_over_a_partial_last_batch(resnet):
   _, batches, data = train_worker.eval_problem()
-  result = train.evaluate(resnet, batches)
+  result = evaluate(resnet, batches)
   model = nnx.clone(resnet)
   model.eval()
   logits = model(data["image"])
@@ -341,7 +342,7 @@ def test_evaluate_is_exact_over_a_partial_last_batch(resnet):
 
 @pytest.fixture(scope="module")
 def one_device_evaluation():
-  return train.evaluate(*train_worker.eval_problem()[:2])
+  return evaluate(*train_worker.eval_problem()[:2])
 
 
 def assert_same_evaluation(result: dict, reference: dict) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from oba_jax import train
+from oba_jax.evaluation import evaluate
 from oba_jax.runtime import enable_compilation_cache
 
 NUM_CLASSES = 3
@@ -129,7 +130,7 @@ def eval_problem(part: tuple[int, int] = (0, 1)):
 
 def save_evaluation(model: nnx.Module, batches: list[dict], out: str) -> None:
   with open(out + ".json", "w") as f:
-    json.dump({"devices": jax.device_count(), **train.evaluate(model, batches)}, f)
+    json.dump({"devices": jax.device_count(), **evaluate(model, batches)}, f)
 
 
 def main(argv):

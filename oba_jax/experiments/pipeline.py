@@ -29,9 +29,10 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from matplotlib import figure
 
-from oba_jax import data, flops, masks, models, prune, surgery, train, weights
+from oba_jax import criteria, data, flops, masks, models, prune, runs, surgery, train, weights
 from oba_jax.experiments import cli
 from oba_jax.delta import path_str
+from oba_jax.evaluation import evaluate
 from oba_jax.functional import functional
 
 MODES = ("one_shot", "iterative", "unstructured")
@@ -58,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dense = _training(epochs=200, learning_rate=0.1, weight_decay=5e-4,
                       milestones=(60 / 200, 100 / 200, 150 / 200))
   c.mode = "one_shot"  # one of MODES
-  c.criteria = "oba,magnitude,taylor"  # names in oba_jax.prune.CRITERIA
+  c.criteria = "oba,magnitude,taylor"  # names in oba_jax.criteria.CRITERIA
   c.targets = (0.14,)  # kept FLOPs (structured) or density (unstructured), each in (0, 1]
   c.prune = ml_collections.ConfigDict()
   c.prune.steps = 50  # S (§4.3)
@@ -125,7 +126,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for name, value, accepted in choices:
     if value not in accepted:
       raise ValueError(f"{name}={value!r} is not supported; accepted: {sorted(accepted)}.")
-  cli.check_names("criteria", config.criteria, prune.CRITERIA)
+  names = cli.check_names("criteria", config.criteria, criteria.CRITERIA)
   kind = "density" if config.mode == "unstructured" else "kept-FLOPs ratio"
   targets = tuple(config.targets)
   for target in targets:
@@ -134,6 +135,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not targets or (config.mode != "one_shot" and list(targets) != sorted(set(targets))[::-1]):
     raise ValueError(f"targets={targets} must be non-empty, and strictly decreasing in mode "
                      f"{config.mode!r}.")
+  for name in names:  # every pruning setting, checked by building the configs
+    prune_configs(config, name)
   for name, path in (("data_dir", config.data_dir), ("init.checkpoint", config.init.checkpoint)):
     if path is not None and not os.path.isdir(path):
       raise FileNotFoundError(f"{name} {path!r} is not a directory.")
@@ -231,18 +234,33 @@ def _train_config(recipe, num_examples: int, seed: int) -> train.TrainConfig:
                            milestones=tuple(recipe.milestones), seed=seed)
 
 
+def prune_configs(config: ml_collections.ConfigDict, criterion: str) -> list:
+  """The `oba_jax.prune` configs of one criterion: one per target in mode "one_shot", else one.
+
+  Building them checks every pruning setting, so `check_config` calls it too.
+  """
+  p = config.prune
+  if config.mode == "unstructured":
+    return [prune.UnstructuredConfig(
+        criterion=criterion, densities=tuple(config.targets),
+        steps_per_density=p.steps_per_density, num_batches=p.importance_batches)]
+  structured = lambda targets: prune.StructuredConfig(
+      criterion=criterion, targets=targets, steps=p.steps, schedule=p.schedule,
+      max_ratio=p.max_ratio, round_to=p.round_to, ignore=tuple(p.ignore),
+      num_batches=p.importance_batches)
+  if config.mode == "iterative":
+    return [structured(tuple(config.targets))]
+  return [structured(target) for target in config.targets]
+
+
 def _structured(config, criterion, dense, example, batches, test, finetune):
   """Yields (row, fine-tuned masked model, its compaction, mask) per target."""
-  settings = dict(
-      criterion=criterion, steps=config.prune.steps, schedule=config.prune.schedule,
-      max_ratio=config.prune.max_ratio, round_to=config.prune.round_to,
-      ignore=tuple(config.prune.ignore), num_batches=config.prune.importance_batches,
-      key=jax.random.key(config.seed), progress=config.progress)
+  runtime = dict(key=jax.random.key(config.seed), progress=config.progress)
   pruned = {}  # target -> accuracy right after pruning, and seconds of fine-tuning
 
   def tune(masked, plan, target):
     mask = masks.from_plan(plan.structure, plan, functional(masked)[1])
-    accuracy = train.evaluate(masked, test())["accuracy"]
+    accuracy = evaluate(masked, test())["accuracy"]
     tuned, seconds = finetune(masked, mask, os.path.join(criterion, str(target)),
                               {"plan": plan.to_json()})
     pruned[target] = {"accuracy_after_pruning": accuracy, "finetune_seconds": seconds}
@@ -257,14 +275,14 @@ def _structured(config, criterion, dense, example, batches, test, finetune):
       tuned, masks_by_target[target] = tune(masked, plan, target)
       return tuned
 
-    results = prune.iterative(dense, example, batches, targets=tuple(config.targets),
-                              finetune=tune_next, **settings)
+    (settings,) = prune_configs(config, criterion)
+    results = prune.iterative(dense, example, batches, settings, finetune=tune_next, **runtime)
     for target, result in zip(config.targets, results):
       yield (_structured_row(criterion, target, result, pruned[target]), result.masked,
              result.compacted, masks_by_target[target])
     return
-  for target in config.targets:
-    result = prune.one_shot(dense, example, batches, target=target, **settings)
+  for target, settings in zip(config.targets, prune_configs(config, criterion)):
+    result = prune.one_shot(dense, example, batches, settings, **runtime)
     tuned, mask = tune(result.masked, result.plan, target)
     yield (_structured_row(criterion, target, result, pruned[target]), tuned,
            surgery.compact(tuned, result.plan), mask)
@@ -278,15 +296,13 @@ def _structured_row(criterion, target, result, pruned) -> dict:
 def _unstructured(config, criterion, dense, example, batches, test, finetune):
   """Yields (row, fine-tuned masked model, the same, mask) per density."""
   del example  # masks keep the shapes: nothing to trace
-  results = prune.unstructured(
-      dense, batches, criterion=criterion, densities=tuple(config.targets),
-      steps_per_density=config.prune.steps_per_density,
-      num_batches=config.prune.importance_batches, key=jax.random.key(config.seed),
-      progress=config.progress)
+  (settings,) = prune_configs(config, criterion)
+  results = prune.unstructured(dense, batches, settings, key=jax.random.key(config.seed),
+                               progress=config.progress)
   for result in results:
     row = {"criterion": criterion, "target": result.density,
            "density": 1.0 - masks.sparsity(result.mask).total,
-           "accuracy_after_pruning": train.evaluate(result.masked, test())["accuracy"],
+           "accuracy_after_pruning": evaluate(result.masked, test())["accuracy"],
            "prune_seconds": sum(step.seconds for step in result.history)}
     tuned, row["finetune_seconds"] = finetune(result.masked, result.mask,
                                               os.path.join(criterion, str(result.density)))
@@ -295,7 +311,7 @@ def _unstructured(config, criterion, dense, example, batches, test, finetune):
 
 def restore(model: nnx.Module, directory: str) -> nnx.Module:
   """`model` with the parameters and state of the latest checkpoint of a `train.finetune` run."""
-  checkpoints = os.path.join(directory, train.CHECKPOINT_DIR)
+  checkpoints = os.path.join(directory, runs.CHECKPOINT_DIR)
   with ocp.CheckpointManager(checkpoints) as manager:
     step = manager.latest_step()
     if step is None:
@@ -328,8 +344,8 @@ def measure(masked_model, compacted, test, example, timing_input) -> dict:
 
   `test()` returns a fresh iterator over the evaluation batches.
   """
-  masked_eval = train.evaluate(masked_model, test())
-  compacted_eval = train.evaluate(compacted, test())
+  masked_eval = evaluate(masked_model, test())
+  compacted_eval = evaluate(compacted, test())
   count = flops.count(compacted, example)
   return {"accuracy": masked_eval["accuracy"], "loss": masked_eval["loss"],
           "compacted_accuracy": compacted_eval["accuracy"], "macs": count.macs,

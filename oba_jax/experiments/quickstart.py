@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from oba_jax import data, masks, models, plan, prune, surgery, train
+from oba_jax import criteria, data, masks, models, prune, surgery, train
+from oba_jax.evaluation import evaluate
 from oba_jax.experiments import cli, pipeline
 from oba_jax.functional import functional
 
@@ -34,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.batch_size = 128
   c.dense_steps = 600
   c.dense_learning_rate = 0.1
-  c.criteria = "oba,magnitude,taylor"  # names in oba_jax.prune.CRITERIA
+  c.criteria = "oba,magnitude,taylor"  # names in oba_jax.criteria.CRITERIA
   c.target = 0.5  # kept FLOPs
   c.prune_steps = 5
   c.importance_batches = 8
@@ -56,10 +57,18 @@ def _smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+def _prune_config(config: ml_collections.ConfigDict, criterion: str) -> prune.StructuredConfig:
+  return prune.StructuredConfig(criterion=criterion, targets=config.target,
+                                steps=config.prune_steps, num_batches=config.importance_batches,
+                                round_to=config.round_to)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  criteria = cli.check_names("criteria", config.criteria, prune.CRITERIA)
+  names = cli.check_names("criteria", config.criteria, criteria.CRITERIA)
   if not 0 < config.target <= 1:
     raise ValueError(f"target={config.target} must be a kept-FLOPs ratio in (0, 1].")
+  for name in names:  # every pruning setting, checked before the workdir is claimed
+    _prune_config(config, name)
   cli.claim_workdir(workdir, config)
   if config.smoke:
     config = _smoke(config)
@@ -83,15 +92,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                **pipeline.measure(dense, dense, lambda: test, example, timing_input)}
   rows = [dense_row]
 
-  for criterion in criteria:
+  for criterion in names:
     importance_batches = stream(config.seed + 1, batch_size=config.importance_batch_size,
                                 augment=False)
-    result = prune.one_shot(
-        dense, example, importance_batches, criterion=criterion,
-        target=plan.KeptFlops(config.target), steps=config.prune_steps,
-        num_batches=config.importance_batches, round_to=config.round_to,
-        key=jax.random.key(config.seed), progress=config.progress)
-    pruned_accuracy = train.evaluate(result.masked, test)["accuracy"]
+    result = prune.one_shot(dense, example, importance_batches, _prune_config(config, criterion),
+                            key=jax.random.key(config.seed), progress=config.progress)
+    pruned_accuracy = evaluate(result.masked, test)["accuracy"]
     mask = masks.from_plan(result.plan.structure, result.plan, functional(result.masked)[1])
     tuned, _ = train.finetune(
         result.masked, stream(config.seed + 2, batch_size=config.batch_size),

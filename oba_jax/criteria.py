@@ -1,0 +1,171 @@
+"""Pruning criteria by name: what each scores, and their mean over batches for an NNX model.
+
+`CRITERIA` maps a name to a `Criterion`: the scoring function of a classifier's
+parameters and the flags that say how to use it (whether it reads data, whether
+its entries are independent, whether it runs one example at a time). Every
+pruning pipeline, CLI and study picks criteria here by name; `importance` is
+their common entry point on an NNX model. The scores themselves are
+`oba_jax.scores`; this module only names and adapts them. It must not import
+the pipelines (`prune`) or anything above them.
+"""
+
+import dataclasses
+import functools
+import types
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from oba_jax import scores
+from oba_jax.functional import classification, functional
+from oba_jax.validate import check_choice, check_count
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Criterion:
+  """How a named criterion scores the parameters of a classifier.
+
+  Attributes:
+    score: `score(objective, params, batch, key, delta=None) -> pytree like
+      params`; `delta` is the removal it predicts (default: every prunable entry,
+      `oba_jax.delta.removal_delta`).
+    uses_data: False when the score ignores the batch (magnitude, random): it
+      is computed once, reading no batches.
+    entrywise: True when entry i of the score depends on δᵢ alone (magnitude,
+      first-order Taylor, OBD's diagonal), so the prediction for removing any
+      subset is the sum of its entries under the full-removal delta. Scores with
+      a full curvature (OBA) or higher Taylor orders couple the entries.
+    per_example: True when the score runs the model one example at a time (the
+      Fisher diagonal), which needs inference-mode normalisation: with batch
+      statistics each example would be normalised by its own.
+  """
+
+  score: Callable[..., PyTree]
+  uses_data: bool = True
+  entrywise: bool = False
+  per_example: bool = False
+
+
+def _magnitude(objective, params, batch, key, delta=None):
+  del objective, batch, key  # scores the weights alone
+  return scores.magnitude(params, delta=delta)
+
+
+def _random(objective, params, batch, key, delta=None):
+  del objective, batch  # scores at random, on the entries that `delta` moves
+  moved = None if delta is None else jax.tree.map(lambda d: d != 0, delta)
+  return scores.random(key, params, prunable=moved)
+
+
+def _taylor(objective, params, batch, key, delta=None, *, order):
+  del key  # deterministic
+  return scores.taylor(objective.loss, params, batch, order=order, delta=delta)
+
+
+def _obd(objective, params, batch, key, delta=None, *, diag):
+  return scores.obd(objective.loss, params, batch, key=key, diag=diag, delta=delta,
+                    model_fn=objective.model)
+
+
+def _oba(objective, params, batch, key, delta=None, *, curvature):
+  del key  # deterministic
+  return scores.oba(
+      objective.loss,
+      params,
+      batch,
+      delta=delta,
+      curvature=curvature,
+      model_fn=objective.model,
+      output_loss_fn=objective.output_loss,
+  )
+
+
+# Criteria by name. "taylor" is the first-order term gᵢδᵢ (the paper's Taylor
+# baseline, |θ·g| per channel after the reduction), "oba" the exact-Hessian OBA
+# score, "oba_residual" what the official OBA code computes, "taylor3" and
+# "taylor4" the third and fourth Taylor terms; `oba_jax.scores` defines each.
+CRITERIA = types.MappingProxyType(
+    dict(
+        magnitude=Criterion(_magnitude, uses_data=False, entrywise=True),
+        random=Criterion(_random, uses_data=False, entrywise=True),
+        taylor=Criterion(functools.partial(_taylor, order=1), entrywise=True),
+        obd_fisher=Criterion(functools.partial(_obd, diag="fisher"), entrywise=True,
+                             per_example=True),
+        obd_hutchinson=Criterion(functools.partial(_obd, diag="hutchinson"), entrywise=True),
+        oba=Criterion(functools.partial(_oba, curvature="hessian")),
+        oba_residual=Criterion(functools.partial(_oba, curvature="residual")),
+        oba_ggn=Criterion(functools.partial(_oba, curvature="ggn")),
+        taylor3=Criterion(functools.partial(_taylor, order=3)),
+        taylor4=Criterion(functools.partial(_taylor, order=4)),
+    )
+)
+
+
+def importance(
+    criterion: str,
+    model: nnx.Module,
+    batches: Iterable[PyTree],
+    *,
+    num_batches: int | None,
+    key: jax.Array,
+    mesh: Mesh | None = None,
+    progress: bool = False,
+) -> dict:
+  """The mean score of `criterion` over `num_batches` batches, per parameter.
+
+  The batches are `{"image", "label"}` dicts and the loss is the softmax
+  cross-entropy (`oba_jax.classification`), averaged data-parallel over `mesh`
+  by `scores.accumulate`. "magnitude" and "random" read no batches.
+
+  BatchNorm is used in the model's current mode, and its running statistics are
+  never updated. The paper scores in training mode (`model.train()`: batch
+  statistics). There BatchNorm is scale invariant, so a conv's own scores over
+  an output channel cancel to rounding noise and the channel's importance comes
+  from its consumers' input channels (method notes §2.8). `model.eval()` keeps
+  those terms (README, "BatchNorm mode").
+
+  Args:
+    criterion: a name in `CRITERIA`.
+    model: the NNX model to score.
+    batches: an iterable of batches; an iterator is consumed as it is read.
+    num_batches: how many batches to average (None: all of them).
+    key: PRNG key for the random criteria ("random", "obd_*").
+    mesh: the device mesh of `scores.accumulate` (default: all devices).
+    progress: show a progress bar.
+
+  Returns:
+    A nested dict like `oba_jax.functional(model)[1]`, the model's parameters.
+  """
+  check_choice("criterion", criterion, CRITERIA)
+  if num_batches is not None:
+    check_count(num_batches, "num_batches")
+  scorer = CRITERIA[criterion]
+  if scorer.per_example and uses_batch_statistics(model):
+    raise ValueError(
+        f"criterion {criterion!r} runs the model one example at a time, and this model has "
+        "BatchNorm in training mode (batch statistics), which would normalise each example by "
+        "itself. Call model.eval() before scoring with it.")
+  apply_fn, params = functional(model)
+  objective = classification(apply_fn)
+  if not scorer.uses_data:
+    return scorer.score(objective, params, None, key)
+  return scores.accumulate(
+      functools.partial(scorer.score, objective),
+      params,
+      batches,
+      key=key,
+      num_batches=num_batches,
+      mesh=mesh,
+      progress=progress,
+  )
+
+
+def uses_batch_statistics(model: nnx.Module) -> bool:
+  """Whether a BatchNorm of `model` normalises with batch statistics (training mode)."""
+  return any(isinstance(m, nnx.BatchNorm) and not m.use_running_average
+             for _, m in nnx.iter_modules(model))
