@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -144,7 +145,7 @@ def fisher_diagonal(
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
 
-  def example_fisher(example, example_key):
+  def example_fisher(params, example, example_key):
     single = jax.tree.map(lambda a: a[None], example)
     logits, pull = jax.vjp(lambda p: model_fn(p, single), params)
     log_probs = jax.nn.log_softmax(logits)
@@ -155,5 +156,42 @@ def fisher_diagonal(
     return jax.tree.map(lambda g: jnp.mean(g * g, axis=0), grads)
 
   size = jax.tree.leaves(batch)[0].shape[0]
-  per_example = jax.vmap(example_fisher)(batch, jax.random.split(key, size))
-  return jax.tree.map(lambda f: jnp.mean(f, axis=0), per_example)
+  return mean_over_examples(example_fisher, params, batch, jax.random.split(key, size))
+
+
+def mean_over_examples(example_fn: Callable[[PyTree, PyTree, jax.Array], PyTree], params: PyTree,
+                       batch: PyTree, keys: jax.Array) -> PyTree:
+  """The mean of `example_fn(params, example, key)` over the leading axis of `batch` and `keys`.
+
+  `vmap` over the examples of a batch that is sharded over devices gives wrong
+  per-example conv-kernel gradients under XLA's SPMD partitioner (jax 0.10). So
+  with a device mesh in context (`jax.set_mesh`, as `estimate.accumulate` sets
+  it), each device maps over its own examples (`jax.shard_map`, the batch split
+  over every mesh axis) and the sums are added across devices. The parameters
+  are cast to per-device values first: a gradient with respect to a replicated
+  value inside `shard_map` would come back summed over the devices. Exact on any
+  number of devices; under your own `jit` of a sharded batch, set the mesh too.
+  """
+  size = jax.tree.leaves(batch)[0].shape[0]
+
+  def example_sum(params, examples, example_keys):
+    per_example = jax.vmap(example_fn, in_axes=(None, 0, 0))(params, examples, example_keys)
+    return jax.tree.map(lambda x: jnp.sum(x, axis=0), per_example)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    total = example_sum(params, batch, keys)
+  else:
+    axes = mesh.axis_names
+    if size % mesh.size:
+      raise ValueError(f"a batch of {size} examples does not split over the {mesh.size} devices "
+                       f"of the mesh {dict(mesh.shape)}.")
+
+    def local(params, examples, example_keys):
+      params = jax.tree.map(lambda p: jax.lax.pcast(p, axes, to="varying"), params)
+      return jax.lax.psum(example_sum(params, examples, example_keys), axes)
+
+    total = jax.shard_map(
+        local, in_specs=(PartitionSpec(), PartitionSpec(axes), PartitionSpec(axes)),
+        out_specs=PartitionSpec())(params, batch, keys)
+  return jax.tree.map(lambda t: t / size, total)

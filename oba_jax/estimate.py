@@ -131,7 +131,8 @@ def accumulate(
     if total is None:
       total = _zeros_like(jax.eval_shape(call, params, batch, batch_key), params,
                           param_shardings, mesh)
-    total, finite = step(total, params, batch, batch_key)
+    with jax.set_mesh(mesh):  # per-example work maps over each device's own examples
+      total, finite = step(total, params, batch, batch_key)
     flags.append(finite)
   if total is None:
     raise ValueError("accumulate got no batches: the iterable was empty.")

@@ -30,10 +30,17 @@ def problem(train: bool = False):
   return oba_jax.classification(apply_fn), params, batches
 
 
-# (BN mode, curvature). With training-mode BN the residual scores of convs cancel
-# to ~1e-6 (BN's scale invariance), below float32 resolution, so that mode is
-# checked on the full Hessian.
-CASES = {"eval_residual": (False, "residual"), "train_hessian": (True, "hessian")}
+# name -> (BN mode, score, its options). With training-mode BN the residual scores
+# of convs cancel to ~1e-6 (BN's scale invariance), below float32 resolution, so
+# that mode is checked on the full Hessian. The Fisher diagonal runs the model one
+# example at a time (per-example conv gradients over a sharded batch), Hutchinson
+# two probes under vmap.
+CASES = {
+    "eval_residual": (False, "oba", dict(curvature="residual")),
+    "train_hessian": (True, "oba", dict(curvature="hessian")),
+    "eval_fisher": (False, "obd", dict(diag="fisher", num_probes=2)),
+    "eval_hutchinson": (False, "obd", dict(diag="hutchinson", num_probes=2, probe_batch=2)),
+}
 
 
 def run(process_id: int = 0, num_processes: int = 1) -> dict[str, np.ndarray]:
@@ -41,14 +48,19 @@ def run(process_id: int = 0, num_processes: int = 1) -> dict[str, np.ndarray]:
   from oba_jax import scores
 
   results = {}
-  for name, (train, curvature) in CASES.items():
+  for name, (train, score, options) in CASES.items():
     objective, params, batches = problem(train)
     part = BATCH // num_processes
     local = [jax.tree.map(lambda a: a[process_id * part:(process_id + 1) * part], b)
              for b in batches]
-    score_fn = functools.partial(scores.oba, objective.loss, curvature=curvature,
-                                 model_fn=objective.model, output_loss_fn=objective.output_loss)
-    result = scores.accumulate(score_fn, params, local)
+    if score == "oba":
+      score_fn = functools.partial(scores.oba, objective.loss, model_fn=objective.model,
+                                   output_loss_fn=objective.output_loss, **options)
+      result = scores.accumulate(score_fn, params, local)
+    else:
+      score_fn = functools.partial(scores.obd, objective.loss, model_fn=objective.model,
+                                   **options)
+      result = scores.accumulate(score_fn, params, local, key=jax.random.key(3))
     results[name] = np.asarray(ravel_pytree(jax.device_get(result))[0])
   return results
 

@@ -17,7 +17,8 @@ from oba_jax import scores
 WORKER = accumulate_worker.__file__
 
 
-TOLERANCE = {"eval_residual": 1e-6, "train_hessian": 1e-5}
+TOLERANCE = {"eval_residual": 1e-6, "train_hessian": 1e-5, "eval_fisher": 1e-5,
+             "eval_hutchinson": 1e-5}
 
 
 def rel_err(a, b):
@@ -56,9 +57,11 @@ def test_accumulate_is_the_mean_of_per_batch_scores(one_device_result):
   assert rel_err(one_device_result["eval_residual"], np.mean(per_batch, axis=0)) <= 1e-6
 
 
-def test_eight_virtual_devices_match_one(tmp_path, one_device_result):
-  out = tmp_path / "eight.npz"
-  subprocess.run([sys.executable, WORKER, str(out)], env=worker_env(8), check=True,
+@pytest.mark.parametrize("devices", [2, 8])
+def test_virtual_devices_match_one(tmp_path, one_device_result, devices):
+  """Every criterion kind, the per-example Fisher included (it was wrong on >1 device)."""
+  out = tmp_path / f"{devices}.npz"
+  subprocess.run([sys.executable, WORKER, str(out)], env=worker_env(devices), check=True,
                  timeout=300)
   assert_same(np.load(out), one_device_result)
 
