@@ -28,6 +28,8 @@ from oba_jax.delta import path_str
 
 PyTree = Any
 DATA_AXIS = "data"
+# Programs a host loop may queue before it waits for one (`pace`).
+MAX_IN_FLIGHT = 8
 
 
 def data_mesh(devices=None) -> Mesh:
@@ -78,6 +80,20 @@ def shard_batch(batch: PyTree, mesh: Mesh, axis: str = DATA_AXIS) -> PyTree:
     return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
   return jax.tree_util.tree_map_with_path(put, batch)
+
+
+def pace(count: int, value: PyTree) -> None:
+  """Waits for `value` on every `MAX_IN_FLIGHT`-th call (`count` from 1) of a dispatch loop.
+
+  A Python loop over jitted steps runs ahead of the devices, queueing programs.
+  With many virtual CPU devices, XLA:CPU aborts the process when about a hundred
+  programs with collectives are queued ("Expected 8 threads to join the
+  rendezvous, but only 4 of them arrived"), so every loop that dispatches such
+  programs bounds how far it runs ahead. `value` must be an output of the
+  latest dispatch that is not donated to the next one (or that step's input).
+  """
+  if count % MAX_IN_FLIGHT == 0:
+    jax.block_until_ready(value)
 
 
 def accumulate(
@@ -134,6 +150,7 @@ def accumulate(
     with jax.set_mesh(mesh):  # per-example work maps over each device's own examples
       total, finite = step(total, params, batch, batch_key)
     flags.append(finite)
+    pace(count, finite)
   if total is None:
     raise ValueError("accumulate got no batches: the iterable was empty.")
   bad = [i for i, ok in enumerate(jax.device_get(flags)) if not ok]

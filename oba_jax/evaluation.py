@@ -20,7 +20,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from oba_jax.estimate import DATA_AXIS, data_mesh, replicate, shard_batch
+from oba_jax.estimate import DATA_AXIS, data_mesh, pace, replicate, shard_batch
 from oba_jax.functional import split_pure
 
 PyTree = Any
@@ -78,6 +78,7 @@ def evaluate_split(
   sums, count = [], 0
   for batch, batch_count in _aligned_batches(batches, mesh.local_mesh.shape[DATA_AXIS]):
     sums.append(_eval_sums(graphdef, params, model_state, shard_batch(batch, mesh)))
+    pace(len(sums), sums[-1])
     count += batch_count
   if not count:
     raise ValueError("evaluate got no examples: the batches were empty.")

@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from oba_jax import masks, structure
 from oba_jax.criteria import CRITERIA, importance
-from oba_jax.estimate import data_mesh, shard_batch
+from oba_jax.estimate import data_mesh, pace, shard_batch
 from oba_jax.functional import classification, functional
 
 PyTree = Any
@@ -139,14 +139,15 @@ def removal_study(
   entrywise = [c for c in criteria if CRITERIA[c].entrywise]
   coupled = [c for c in criteria if not CRITERIA[c].entrywise]
   full_delta = jax.tree.map(jnp.negative, params)  # every entry: also BatchNorm scales
-  full_scores = {c: _mean_over(sharded, jax.jit(functools.partial(_entrywise_scores, objective, c)),
-                               params, full_delta, key) for c in entrywise}
-  loss = float(_mean_over(sharded, jax.jit(objective.loss), params))
+  full_scores = {
+      c: _mean_over(sharded, mesh, jax.jit(functools.partial(_entrywise_scores, objective, c)),
+                    params, full_delta, key) for c in entrywise}
+  loss = float(_mean_over(sharded, mesh, jax.jit(objective.loss), params))
   true, prediction = [], {c: [] for c in criteria}
   per_removal = jax.jit(functools.partial(_removal_terms, objective, tuple(coupled)))
   for group, index in _bar(removals, progress, "removals"):
     mask = masks.from_removed(traced, {group: [index]}, params)
-    removed_loss, terms = _mean_over(sharded, per_removal, params, mask, key)
+    removed_loss, terms = _mean_over(sharded, mesh, per_removal, params, mask, key)
     true.append(float(removed_loss) - loss)
     for c in entrywise:
       prediction[c].append(float(_masked_sum(full_scores[c], mask)))
@@ -181,17 +182,20 @@ def _removal_terms(objective, coupled, params, batch, mask, key):
   return objective.loss(removed, batch), jnp.stack(terms) if terms else jnp.zeros((0,))
 
 
-def _mean_over(batches, fn, params, *args):
+def _mean_over(batches, mesh, fn, params, *args):
   """The mean of `fn(params, batch, *args)` over the batches (the key folded per batch).
 
   Not `scores.accumulate`: that jits a new step on every call, and this runs once
-  per removal with the same jitted `fn`.
+  per removal with the same jitted `fn`. Like it, it sets the mesh (exact
+  per-example criteria) and bounds the programs in flight (`estimate.pace`).
   """
   total = None
   for i, batch in enumerate(batches):
     call_args = [jax.random.fold_in(a, i) if _is_key(a) else a for a in args]
-    value = fn(params, batch, *call_args)
+    with jax.set_mesh(mesh):
+      value = fn(params, batch, *call_args)
     total = value if total is None else jax.tree.map(jnp.add, total, value)
+    pace(i + 1, total)
   return jax.tree.map(lambda t: t / len(batches), total)
 
 

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from oba_jax import masks, runs
 from oba_jax.delta import check_like
-from oba_jax.estimate import data_mesh, replicate, shard_batch
+from oba_jax.estimate import data_mesh, pace, replicate, shard_batch
 from oba_jax.evaluation import evaluate, evaluate_split
 from oba_jax.functional import softmax_cross_entropy, split_pure
 from oba_jax.validate import check_choice
@@ -372,6 +372,7 @@ def _train(
       state = train_step(
           state, shard_batch({"image": batch["image"], "label": batch["label"]}, mesh)
       )
+      pace(step - start, state)
       bar.update()
       if step % config.log_every == 0 or step == total:
         sums = jax.device_get(state.sums)
