@@ -43,7 +43,8 @@ stop-gradient inputs). The loss itself is one of those operations, so its
 curvature goes too. By the node-wise chain rule for Hessians,
 ∇²L = Σ_nodes J_inᵀ ∇²⟨g_node, f_node⟩ J_in, its Hessian is H_bil, and
 `jax.jvp(jax.grad(·))` of it gives (∇L, H_bil δ) exactly in one
-forward-over-reverse pass, at the cost of one Hessian-vector product.
+forward-over-reverse pass, at the cost of one Hessian-vector product
+(`oba_jax.curvature.bilinear_vp`).
 
 Sub-jaxprs: `jit`, `closed_call`, `remat` and `custom_vjp_call` bodies are
 inlined (a custom VJP is replaced by its primal body, whose derivatives are the
@@ -292,8 +293,3 @@ def products(loss_fn: Callable[[PyTree, PyTree], jax.Array], params: PyTree,
   _find_products(closed.jaxpr, flags, found)
   return tuple(found)
 
-
-def bilinear_vp(loss_fn: Callable[[PyTree, PyTree], jax.Array], params: PyTree, batch: PyTree,
-                v: PyTree) -> tuple[PyTree, PyTree]:
-  """(∇L, H_bil v), exact, in one forward-over-reverse pass of the first-order loss."""
-  return jax.jvp(jax.grad(first_order_loss(loss_fn, params, batch)), (params,), (v,))
