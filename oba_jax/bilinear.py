@@ -77,6 +77,12 @@ LINEAR = frozenset({
     "imag", "conj", "complex", "split", "sharding_constraint", "reduce_precision",
     "optimization_barrier",
 })
+# Piecewise-linear primitives: JAX's derivatives of them have no curvature already
+# (their Jacobians are selections by comparisons), so they are bound as they are.
+PIECEWISE_LINEAR = frozenset({
+    "max", "min", "abs", "sign", "floor", "ceil", "round", "clamp", "reduce_max", "reduce_min",
+    "reduce_window_max", "reduce_window_min", "argmax", "argmin", "sort",
+})
 PRODUCTS = frozenset({"dot_general", "conv_general_dilated", "mul"})
 MATRIX_PRODUCTS = frozenset({"dot_general", "conv_general_dilated"})
 # Calls whose bodies are evaluated in place; the parameter holding the body.
@@ -173,6 +179,40 @@ def _find_products(jaxpr, in_flags: Sequence[Flags], found: list) -> list[Flags]
   return [read(v) for v in jaxpr.outvars]
 
 
+def _has_products(jaxpr, in_flags: Sequence[Flags]) -> bool:
+  found: list = []
+  _find_products(jaxpr, in_flags, found)
+  return bool(found)
+
+
+def _is_curvature_free(jaxpr) -> bool:
+  """True when every equation of `jaxpr` is linear or piecewise linear in its inputs.
+
+  Such a body (ReLU's) has no second derivative whatever its custom rule does,
+  so it is bound as it is, custom rule and all, rather than wrapped.
+  """
+  env = {v: Flags(True, True) for v in jaxpr.invars}
+  read = lambda v: CONSTANT if isinstance(v, jcore.Literal) else env.get(v, CONSTANT)
+  for eqn in jaxpr.eqns:
+    flags = [read(v) for v in eqn.invars]
+    name = eqn.primitive.name
+    if name in INLINED or name == CUSTOM_JVP:
+      if any(f.params for f in flags) and not _is_curvature_free(_body(eqn)[0]):
+        return False
+    elif any(f.params for f in flags) and any(_is_float(v.aval) for v in eqn.outvars) \
+        and not _binds_as_is(name, flags):
+      return False
+    env.update(zip(eqn.outvars, _out_flags(eqn, flags)))
+  return True
+
+
+def _binds_as_is(name: str, flags: Sequence[Flags]) -> bool:
+  """Whether an equation with parameter-dependent inputs keeps its own derivatives."""
+  return (name in LINEAR or name in PIECEWISE_LINEAR or name == "stop_gradient"
+          or _product_kind(name, flags) is not None
+          or (name in PRODUCTS and sum(f.params for f in flags) == 1))  # linear in the parameters
+
+
 def _bind(eqn, values: Sequence[Any]) -> list:
   params = eqn.primitive.get_bind_params(eqn.params)
   with eqn.ctx.manager:
@@ -218,13 +258,11 @@ def _eval(jaxpr, consts: Sequence[Any], args: Sequence[Any], in_flags: Sequence[
     name = eqn.primitive.name
     if not any(f.params for f in flags):  # constant in the parameters: nothing to change
       outs, out_flags = _bind(eqn, values), _out_flags(eqn, flags)
-    elif name in INLINED or (name == CUSTOM_JVP and _find_products(_body(eqn)[0], flags, [])):
+    elif name in INLINED or (name == CUSTOM_JVP and _has_products(_body(eqn)[0], flags)):
       body, body_consts = _body(eqn)
       outs, out_flags = _eval(body, body_consts, values, flags)
-    elif name in LINEAR or name == "stop_gradient" or _product_kind(name, flags) is not None:
+    elif _binds_as_is(name, flags) or (name == CUSTOM_JVP and _is_curvature_free(_body(eqn)[0])):
       outs, out_flags = _bind(eqn, values), _out_flags(eqn, flags)
-    elif name in PRODUCTS and sum(f.params for f in flags) == 1:
-      outs, out_flags = _bind(eqn, values), _out_flags(eqn, flags)  # linear in the parameters
     else:
       if name != CUSTOM_JVP and _sub_jaxprs(eqn):
         _check_no_hidden_products(eqn, flags)
@@ -236,7 +274,7 @@ def _eval(jaxpr, consts: Sequence[Any], args: Sequence[Any], in_flags: Sequence[
 
 def _check_no_hidden_products(eqn, flags: Sequence[Flags]) -> None:
   found: list = []
-  merged = Flags(True, any(f.data for f in flags))
+  merged = Flags(True, any(f.data for f in flags))  # conservative inside loops and branches
   for sub in _sub_jaxprs(eqn):
     _find_products(sub, [merged] * len(sub.invars), found)
   if found:

@@ -448,3 +448,18 @@ def test_bad_input_errors():
     scores.oba(lambda p, b: jnp.ones(3), params, batch, curvature="bilinear")
   with pytest.raises(ValueError, match="does not have the structure of params"):
     scores.oba(loss, params, batch, curvature="bilinear", delta={"dense0": params["dense0"]})
+
+
+def test_custom_derivative_rules_are_kept():
+  # ReLU's custom rule says relu'(0) = 0; its body max(x, 0) would say 1/2. Pruned
+  # (all-zero) channels put exact zeros there, so the rule must survive.
+  params = {"dense0": {"kernel": jnp.array([[1.0, -1.0], [0.0, 0.0]])},
+            "dense1": {"kernel": jnp.array([[1.0], [2.0]])}}
+  batch = jnp.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]])
+  model_fn = lambda p, x: jax.nn.relu(x @ p["dense0"]["kernel"]) @ p["dense1"]["kernel"]
+  output_loss = lambda y, x: jnp.sum(y ** 2)
+  loss = lambda p, x: output_loss(model_fn(p, x), x)
+  v = random_like(params)
+  grad, h_v = curvature.bilinear_vp(loss, params, batch, v)
+  assert rel_err(grad, jax.grad(loss)(params, batch)) == 0
+  assert rel_err(h_v, curvature.residual_vp(model_fn, output_loss, params, batch, v)[1]) <= 1e-12
