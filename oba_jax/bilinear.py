@@ -15,8 +15,9 @@ layer y = x * W this is the "upward" term J_xᵀ(δW ⊛ g) and the "downward" t
 g ⊛ ẋ of the paper's code; for attention's q·kᵀ and A·v the "parallel" terms.
 It is what the official code means, without its defects (no tangent used as a
 primal (D1), no double counting after residual merges (D2), no BatchNorm
-running statistics touched (D3)). H_bil is symmetric; it has zero diagonal
-blocks for a layer that feeds no product twice (a kernel never meets itself).
+running statistics touched (D3)). H_bil is symmetric. Its diagonal block of a
+layer is zero unless the layer's output reaches both operands of one product
+(attention's q·kᵀ meets the layer that feeds q and k): a kernel never meets itself.
 
 Which equations are products. Values are *activations* when they depend on the
 `batch` argument and on the parameters, *parameter values* when they depend on
@@ -35,28 +36,36 @@ normalisation parameters the answer depends on how the model factors its
 normalisation (flax multiplies γ into rsqrt(var) first); the official code
 never moves those parameters, and the default `delta` does not either.
 
-How it is computed. `first_order_loss(loss_fn, batch)` re-evaluates the jaxpr
-of `loss_fn` with every operation that is not a product replaced by its
-first-order version: the same value and the same (exact) first derivatives,
-but zero second derivative (a `jax.custom_jvp` whose tangent rule linearises at
-stop-gradient inputs). The loss itself is one of those operations, so its
-curvature goes too. By the node-wise chain rule for Hessians,
-∇²L = Σ_nodes J_inᵀ ∇²⟨g_node, f_node⟩ J_in, its Hessian is H_bil, and
-`jax.jvp(jax.grad(·))` of it gives (∇L, H_bil δ) exactly in one
-forward-over-reverse pass, at the cost of one Hessian-vector product
-(`oba_jax.curvature.bilinear_vp`).
+How it is computed. Differentiating the backward pass along δ gives, node by
+node, ċ_in = J_nodeᵀ ċ_out + (d/dδ J_node)ᵀ g_node; the exact Hessian keeps the
+second part at every node (and at the loss), H_bil only at products, where
+(d/dδ J_node)ᵀ g = [(∂b/∂u)ᵀ[g, v̇], (∂b/∂v)ᵀ[g, u̇]] is exactly the formula above.
+So `first_order_loss(loss_fn, params, batch)` re-evaluates the jaxpr of
+`loss_fn` with every operation that is not a product replaced by its first-order
+version: the same value and the same (exact) first derivative, but no second
+derivative (a `jax.custom_jvp` whose tangent rule linearises at stop-gradient
+inputs). The loss itself is one of those operations, so its curvature goes too.
+Then `jax.jvp(jax.grad(·))` of it is (∇L, H_bil δ), exactly, in one
+forward-over-reverse pass (`oba_jax.curvature.bilinear_vp`): the cost of one
+Hessian-vector product, about two gradients, instead of the three passes (one
+jvp for u̇, v̇, one backward for g, one backward of the sum above) of computing
+the formula literally. Linear and piecewise-linear operations (add, reshape,
+max, ReLU's custom rule) have no curvature and are bound as they are.
 
 Sub-jaxprs: `jit`, `closed_call`, `remat` and `custom_vjp_call` bodies are
 inlined (a custom VJP is replaced by its primal body, whose derivatives are the
 true ones). A `custom_jvp_call` (ReLU, softmax, logsumexp) is one first-order
-operation that keeps its custom rule, unless its body holds a product, in which
-case it is inlined too. Other higher-order primitives (`scan`, `while`,
-`cond`) are first-order operations; if a product hides inside one, a
-`NotImplementedError` says so. Equations whose outputs the loss does not use
-(e.g. BatchNorm's running-average updates) are never evaluated.
+operation that keeps its custom rule (so relu'(0) stays 0), unless its body holds
+a product, in which case it is inlined too. Other higher-order primitives
+(`scan`, `while`, `cond`) are first-order operations; if a product hides inside
+one, a `NotImplementedError` says so. Equations whose outputs the loss does not
+use (BatchNorm's running-average updates, debug callbacks) are not evaluated.
 
-This module owns the jaxpr interpreter; it imports nothing from the rest of
-oba_jax except the input checks.
+Limits: activations are recognised by their dependence on `batch`, so data that
+`loss_fn` closes over instead counts as a constant; a layer applied twice (weight
+sharing) meets itself, so its diagonal block is not zero.
+
+This module owns the jaxpr interpreter and imports nothing else from oba_jax.
 """
 
 from collections.abc import Callable, Sequence
