@@ -463,3 +463,13 @@ def test_custom_derivative_rules_are_kept():
   grad, h_v = curvature.bilinear_vp(loss, params, batch, v)
   assert rel_err(grad, jax.grad(loss)(params, batch)) == 0
   assert rel_err(h_v, curvature.residual_vp(model_fn, output_loss, params, batch, v)[1]) <= 1e-12
+
+
+def test_accumulate_over_batches():
+  # Under scores.accumulate's jitted, mesh-sharded step, with batch-statistics BN.
+  loss, _, params, batch = cnn_problem(train=True)
+  batches = [batch, {"image": 0.5 * batch["image"] + 0.1, "label": batch["label"][::-1]}]
+  score_fn = functools.partial(scores.oba, loss, curvature="bilinear")
+  got = scores.accumulate(score_fn, params, batches)
+  expected = jax.tree.map(lambda a, b: (a + b) / 2, *(score_fn(params, b) for b in batches))
+  assert rel_err(got, expected) <= 1e-10
