@@ -315,8 +315,10 @@ def first_order_loss(loss_fn: Callable[[PyTree, PyTree], jax.Array], params: PyT
   closed, flags = _trace(loss_fn, params, batch)
   treedef = jax.tree.structure(params)
   batch_leaves = jax.tree.leaves(batch)
-  if len(closed.jaxpr.outvars) != 1:
-    raise TypeError(f"loss_fn must return one scalar, got {len(closed.jaxpr.outvars)} outputs.")
+  outs = [v.aval for v in closed.jaxpr.outvars]
+  if len(outs) != 1 or outs[0].shape != () or not _is_float(outs[0]):
+    raise TypeError("loss_fn(params, batch) must return one real scalar, got "
+                    f"{', '.join(o.str_short() for o in outs) or 'nothing'}.")
 
   def loss(p: PyTree) -> jax.Array:
     leaves = jax.tree.leaves(p)

@@ -194,7 +194,8 @@ def attention_net(p, batch, prod=plain, heads=2):
   x = dense("embed", batch["image"])  # [batch, tokens, features]
   mu = jnp.mean(x, -1, keepdims=True)
   var = jnp.mean((x - mu) ** 2, -1, keepdims=True)
-  h = prod(jnp.multiply, (x - mu) * jax.lax.rsqrt(var + 1e-6), p["norm"]["scale"]) + p["norm"]["bias"]
+  x_hat = (x - mu) * jax.lax.rsqrt(var + 1e-6)  # two activations: first order
+  h = prod(jnp.multiply, x_hat, p["norm"]["scale"]) + p["norm"]["bias"]
   split = lambda t: t.reshape(t.shape[:2] + (heads, -1))
   q, k, v = (split(dense(n, h)) for n in ("query", "key", "value"))
   logits = prod(functools.partial(jnp.einsum, "bqhd,bkhd->bhqk"), q, k) / math.sqrt(q.shape[-1])
@@ -212,8 +213,8 @@ def attention_problem(seed=0, features=4, inputs=3, tokens=3, classes=3):
   params = {name: {"kernel": jax.random.normal(jax.random.fold_in(key, i), s) / math.sqrt(s[0]),
                    "bias": 0.1 * jax.random.normal(jax.random.fold_in(key, 50 + i), s[1:])}
             for i, (name, s) in enumerate(shapes.items())}
-  params["norm"] = {"scale": 1.0 + 0.2 * jax.random.normal(jax.random.fold_in(key, 98), (features,)),
-                    "bias": 0.1 * jax.random.normal(jax.random.fold_in(key, 99), (features,))}
+  normal = lambda i: jax.random.normal(jax.random.fold_in(key, i), (features,))
+  params["norm"] = {"scale": 1.0 + 0.2 * normal(98), "bias": 0.1 * normal(99)}
   batch = {"image": jax.random.normal(jax.random.fold_in(key, 100), (2, tokens, inputs)),
            "label": jnp.array([0, 2])}
   return attention_net, attention_net, params, batch
@@ -298,7 +299,8 @@ def test_products_are_found_in_the_jaxpr():
   assert kinds.count("parameter") == 6 and kinds.count("parallel") == 2
   loss, _, params, batch = cnn_problem(train=True)
   found = bilinear.products(loss, params, batch)
-  assert [p.primitive for p in found] == ["mul", "conv_general_dilated"] * 2 + ["mul", "dot_general"]
+  assert [p.primitive for p in found] == (["mul", "conv_general_dilated"] * 2
+                                          + ["mul", "dot_general"])
 
 
 # --- relations to the other curvatures -------------------------------------------
