@@ -11,10 +11,16 @@ the Hessian that comes from the network's own second derivatives (products of
 weights and activations, attention, normalisation and activation curvature);
 it is what the official OBA code approximates on ReLU networks.
 
+The official code's own matrix, H_bil (`bilinear_vp`), keeps of the residual
+only the curvature of *products* (weight x activation, activation x activation
+in attention) and takes every other operation, normalisation included, to first
+order; see `oba_jax.bilinear`. On ReLU networks with fixed-statistics
+normalisation H_bil = H - GGN.
+
 Every product returns `(gradient, product)`: the gradient comes for free from the
 same pass, and under `jax.jit` it is removed when unused.
 
-Costs, in units of one gradient: `hvp` and `residual_vp` are one
+Costs, in units of one gradient: `hvp`, `residual_vp` and `bilinear_vp` are one
 forward-over-reverse pass (about 2); `ggn_vp` is one linearisation plus two
 transposed passes (about 1.5 to 2).
 """
@@ -25,6 +31,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
+
+from oba_jax.bilinear import first_order_loss
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -64,6 +72,18 @@ def residual_vp(
     return pull(out_grad)[0]
 
   return jax.jvp(pulled_back_output_grad, (params,), (v,))
+
+
+def bilinear_vp(loss_fn: LossFn, params: PyTree, batch: PyTree, v: PyTree) -> tuple[PyTree, PyTree]:
+  """(∇L, H_bil v), exact: the official OBA curvature, product terms only.
+
+  H_bil v = ∇_θ Σ_products ⟨sg(g), b(u(θ), sg(v̇)) + b(sg(u̇), v(θ))⟩ over the
+  product equations y = b(u, v) of `loss_fn`'s jaxpr (parameter layers and
+  products of two activations), with g = ∂L/∂y and u̇, v̇ the exact tangents
+  along v. Computed as one `jax.jvp` over `jax.grad` of the loss re-evaluated
+  with every other operation taken to first order (`oba_jax.bilinear`).
+  """
+  return jax.jvp(jax.grad(first_order_loss(loss_fn, params, batch)), (params,), (v,))
 
 
 def grad_derivative(

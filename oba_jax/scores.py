@@ -32,18 +32,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from oba_jax.curvature import fisher_diagonal, ggn_vp, grad_derivative, hutchinson_diagonal, hvp, residual_vp
+from oba_jax.curvature import (bilinear_vp, fisher_diagonal, ggn_vp, grad_derivative,
+                               hutchinson_diagonal, hvp, residual_vp)
 from oba_jax.delta import Prunable, prunable_mask, removal_delta
 from oba_jax.estimate import accumulate
 from oba_jax.validate import check_choice, check_finite, check_scalar_loss
 
 PyTree = Any
 
-CURVATURES = ("hessian", "ggn", "residual")
+CURVATURES = ("hessian", "ggn", "residual")  # the exact split: "hessian" = "ggn" + "residual"
+OBA_CURVATURES = CURVATURES + ("bilinear",)  # every curvature `oba` accepts
 DIAGONALS = ("hutchinson", "fisher")
 MAX_TAYLOR_ORDER = 4
 
-__all__ = ["oba", "taylor", "obd", "magnitude", "random", "accumulate", "CURVATURES"]
+__all__ = ["oba", "taylor", "obd", "magnitude", "random", "accumulate", "CURVATURES",
+           "OBA_CURVATURES"]
 
 
 def oba(
@@ -66,21 +69,25 @@ def oba(
     batch: any pytree, passed through to the functions.
     delta: the perturbation; default `-params` on prunable leaves.
     prunable: which entries `delta` moves (see `oba_jax.delta.removal_delta`).
-    curvature: "hessian" (C = H, one jvp over grad), "ggn" (C = Jᵀ H_out J) or
-      "residual" (C = H - GGN). "hessian" = "ggn" + "residual".
+    curvature: "hessian" (C = H, one jvp over grad), "ggn" (C = Jᵀ H_out J),
+      "residual" (C = H - GGN) or "bilinear" (C = H_bil, the official code's
+      product terms; from `loss_fn` alone). "hessian" = "ggn" + "residual".
     first_order: also add the gradient term gᵢ δᵢ.
-    model_fn: `model_fn(params, batch) -> outputs`; needed for "ggn" and "residual".
+    model_fn: `model_fn(params, batch) -> outputs`; needed for "ggn" and "residual"
+      (ignored by "hessian" and "bilinear").
     output_loss_fn: `output_loss_fn(outputs, batch) -> scalar` with
       `loss_fn(p, b) == output_loss_fn(model_fn(p, b), b)`; needed with `model_fn`.
 
   Returns:
     A pytree like `params`; its sum is the Taylor prediction of L(θ + δ) - L(θ).
   """
-  check_choice("curvature", curvature, CURVATURES)
+  check_choice("curvature", curvature, OBA_CURVATURES)
   delta = removal_delta(params, delta, prunable)
   check_scalar_loss(loss_fn, params, batch)
   if curvature == "hessian":
     grad, c_delta = hvp(loss_fn, params, batch, delta)
+  elif curvature == "bilinear":
+    grad, c_delta = bilinear_vp(loss_fn, params, batch, delta)
   else:
     if model_fn is None or output_loss_fn is None:
       raise ValueError(
