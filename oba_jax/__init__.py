@@ -2,7 +2,8 @@
 
 Modules, one concept each:
   scores      per-parameter importance: oba, taylor, obd, magnitude, random, accumulate
-  curvature   exact Hessian / Gauss-Newton / residual products and diagonal estimates
+  curvature   exact Hessian / Gauss-Newton / residual / bilinear products, diagonal estimates
+  bilinear    the official OBA curvature H_bil, from the product equations of the jaxpr
   delta       which parameters a pruning step moves, and by how much
   estimate    averaging scores over batches, data-parallel over devices and hosts
   functional  pure functions from Flax NNX modules; the classification objective

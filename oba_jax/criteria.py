@@ -87,8 +87,10 @@ def _oba(objective, params, batch, key, delta=None, *, curvature):
 
 # Criteria by name. "taylor" is the first-order term gᵢδᵢ (the paper's Taylor
 # baseline, |θ·g| per channel after the reduction), "oba" the exact-Hessian OBA
-# score, "oba_residual" what the official OBA code computes, "taylor3" and
-# "taylor4" the third and fourth Taylor terms; `oba_jax.scores` defines each.
+# score, "oba_bilinear" the official OBA code's quantity in any BatchNorm mode
+# (product terms only), "oba_residual" (H - GGN) the same on ReLU networks with
+# fixed-statistics normalisation, "taylor3" and "taylor4" the third and fourth
+# Taylor terms; `oba_jax.scores` defines each.
 CRITERIA = types.MappingProxyType(
     dict(
         magnitude=Criterion(_magnitude, uses_data=False, entrywise=True),
@@ -100,6 +102,7 @@ CRITERIA = types.MappingProxyType(
         oba=Criterion(functools.partial(_oba, curvature="hessian")),
         oba_residual=Criterion(functools.partial(_oba, curvature="residual")),
         oba_ggn=Criterion(functools.partial(_oba, curvature="ggn")),
+        oba_bilinear=Criterion(functools.partial(_oba, curvature="bilinear")),
         taylor3=Criterion(functools.partial(_taylor, order=3)),
         taylor4=Criterion(functools.partial(_taylor, order=4)),
     )
@@ -123,11 +126,13 @@ def importance(
   by `scores.accumulate`. "magnitude" and "random" read no batches.
 
   BatchNorm is used in the model's current mode, and its running statistics are
-  never updated. The paper scores in training mode (`model.train()`: batch
-  statistics). There BatchNorm is scale invariant, so a conv's own scores over
-  an output channel cancel to rounding noise and the channel's importance comes
-  from its consumers' input channels (method notes §2.8). `model.eval()` keeps
-  those terms (README, "BatchNorm mode").
+  never updated. The official pipeline scores in training mode (`model.train()`:
+  batch statistics) with the "oba_bilinear" quantity; there BatchNorm is scale
+  invariant, so the sum of a conv's own scores over an output channel is about
+  zero and the channel's importance comes from its consumers' input channels
+  (method notes §2.8). "oba_residual" equals "oba_bilinear" only with
+  inference-mode BatchNorm (`model.eval()`) on ReLU networks; in training mode
+  its conv entries vanish (README, "BatchNorm mode").
 
   Args:
     criterion: a name in `CRITERIA`.

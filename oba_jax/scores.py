@@ -13,9 +13,18 @@ Absolute values, normalisers and per-channel sums belong to the reduction step
 Relation to the paper's code (NEU-REAL/OBA):
 - `oba(curvature="hessian")` is the exact HVP element δᵢ(Hδ)ᵢ/2 with the full
   Hessian. The official code calls this "FastOBA" (order 2).
-- `oba(curvature="residual")` is δᵢ((H - GGN)δ)ᵢ/2, the quantity the official
-  "OBA" score computes on ReLU networks (inter-layer product terms only, without
-  the loss curvature), without the official code's implementation defects.
+- `oba(curvature="bilinear")` is δᵢ(H_bil δ)ᵢ/2, the quantity the official "OBA"
+  score computes, in every BatchNorm mode: only the second-order terms of the
+  network's products (weight × activation, attention's activation × activation),
+  with the output gradients held fixed and every other operation to first order
+  (`oba_jax.bilinear`), without the official code's implementation defects. The
+  official pipeline scores with BatchNorm in training mode (batch statistics).
+- `oba(curvature="residual")` is δᵢ((H - GGN)δ)ᵢ/2. It equals "bilinear" on
+  networks whose nonlinearities are piecewise linear and whose normalisation
+  uses fixed statistics (ReLU nets, BatchNorm in inference mode), and only
+  there. With batch-statistics BatchNorm a conv's own residual terms vanish up
+  to BatchNorm's ε (scale invariance, exact mathematics, float64 included),
+  while the official score stays of order one.
 - `taylor(order=k)` is the k-th Taylor term attributed per parameter; the
   official FastOBA drops the 1/k!, which only rescales scores of one order.
 The official scores use δ = +θ and no ½; for second-order scores that changes

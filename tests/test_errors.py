@@ -54,7 +54,7 @@ def test_gauss_newton_split_needs_model_fn(curvature):
 
 
 def test_unknown_choices():
-  with pytest.raises(ValueError, match=r"curvature='fisher' is not supported; accepted: \['ggn', 'hessian', 'residual'\]"):
+  with pytest.raises(ValueError, match=r"curvature='fisher' is not supported; accepted: \['bilinear', 'ggn', 'hessian', 'residual'\]"):
     scores.oba(loss, PARAMS, BATCH, curvature="fisher")
   with pytest.raises(ValueError, match="diag='kfac' is not supported"):
     scores.obd(loss, PARAMS, BATCH, key=jax.random.key(0), diag="kfac")
