@@ -212,7 +212,7 @@ def _verify(dense: nnx.Module, new: nnx.Module, structure: Structure, removed, f
   fn, params, state = functional(dense, None)
   run, small_params, small_state = _rebuilt(fn, params, state, structure.inputs, structure,
                                             removed)
-  new_fn, new_params, new_state = functional(new, None)
+  _, new_params, new_state = functional(new, None)
   want = {path_str(p): np.shape(x) for p, x in
           jax.tree_util.tree_flatten_with_path((small_params, small_state))[0]}
   have = {path_str(p): np.shape(x) for p, x in
@@ -223,12 +223,20 @@ def _verify(dense: nnx.Module, new: nnx.Module, structure: Structure, removed, f
   inputs = structure.inputs
   expected = jax.eval_shape(lambda p, s, *x: run(p, s, *x)[0], _abstract(small_params),
                             _abstract(small_state), *inputs)
+  graphdef, new_state_all = nnx.split(new)
+  paths: dict[int, str] = {}
+
+  def forward(state, *x):
+    module = nnx.merge(graphdef, state, copy=True)
+    paths.update((id(node), "/".join(map(str, path))) for path, node in nnx.iter_graph(module)
+                 if isinstance(node, nnx.Module))
+    return module(*x)
+
   try:
-    got = jax.eval_shape(lambda p, s, *x: new_fn(p, s, *x)[0], _abstract(new_params),
-                         _abstract(new_state), *inputs)
+    got = jax.eval_shape(forward, new_state_all, *inputs)
   except Exception as error:  # noqa: BLE001 - any failure of the user's module is reported
-    path, module = _failing_module(new, error)
-    raise CompactionError(_diagnosis(path, module, factors, f"fails: {error}")) from error
+    path, module = _failing_module(paths, error)
+    raise CompactionError(_diagnosis(path, module or new, factors, f"fails: {error}")) from error
   if jax.tree.map(lambda a: (a.shape, a.dtype), expected) != jax.tree.map(
       lambda a: (a.shape, a.dtype), got):
     raise CompactionError(_diagnosis("", new, factors,
@@ -236,11 +244,9 @@ def _verify(dense: nnx.Module, new: nnx.Module, structure: Structure, removed, f
                                      f"{expected}"))
 
 
-def _failing_module(root: nnx.Module, error: BaseException) -> tuple[str, nnx.Module]:
-  """The innermost module of `root` whose method was running when `error` was raised."""
-  paths = {id(node): "/".join(map(str, path)) for path, node in nnx.iter_graph(root)
-           if isinstance(node, nnx.Module)}
-  found = ("", root)
+def _failing_module(paths: Mapping[int, str], error: BaseException):
+  """(path, module) of the innermost module (id in `paths`) running when `error` was raised."""
+  found = ("", None)
   tb = error.__traceback__
   while tb is not None:
     owner = tb.tb_frame.f_locals.get("self")
@@ -261,9 +267,10 @@ def _diagnosis(path: str, module: nnx.Module, factors, what: str) -> str:
   suspects = [f"{k} = {v}" for k, v in sorted(vars(module).items())
               if isinstance(v, int) and not isinstance(v, bool) and v in stale]
   where = f"`{path}` ({type(module).__name__})" if path else f"the model ({type(module).__name__})"
-  hint = (f"a size stored as a Python int in {where}: {', '.join(suspects)}"
-          if suspects else f"a shape kept outside its parameters in {where}")
-  return (f"the compacted module {what}. Likely {hint}, which no resizer updates. Use "
+  hint = (f"Python ints in {where} equal to sizes that compaction changed: {', '.join(suspects)}. "
+          if suspects else "")
+  return (f"the compacted module {what} (in {where}). A size that compaction changed is kept "
+          f"outside the parameters, in {where} or the code calling it. {hint}Use "
           "oba_jax.surgery.compact_fn, or register a resizer for "
           f"{type(module).__name__} with oba_jax.surgery.register_resizer.")
 
