@@ -29,7 +29,6 @@ saved plan, restore into it.
 
 import collections
 import math
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 

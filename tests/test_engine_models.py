@@ -140,16 +140,21 @@ def test_split_parts_are_distinct_groups():
   assert {"left/kernel@1", "left/kernel@1+2"} <= set(names)
 
 
-def test_shuffled_grouped_conv_keeps_its_groups():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_shuffled_grouped_conv_keeps_its_groups(seed):
   model = em.ShuffleBlock(nnx.Rngs(0))
-  _, chosen, small = nnx_chain(model, image())
+  _, chosen, small = nnx_chain(model, image(), seed=seed)
+  close(small(image()), masks.apply(model, chosen)(image()))
   for conv in (small.reduce, small.expand, small.depthwise):
     assert conv.in_features == conv.kernel.shape[-2] * conv.feature_group_count
     assert conv.kernel.shape[-1] % conv.feature_group_count == 0
 
 
-def test_group_norm_is_resized():
-  s, chosen, small = nnx_chain(em.GroupNormCNN(nnx.Rngs(0)), image())
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_group_norm_is_resized(seed):
+  model = em.GroupNormCNN(nnx.Rngs(0))
+  s, chosen, small = nnx_chain(model, image(), seed=seed)
+  close(small(image()), masks.apply(model, chosen)(image()))
   for norm in (small.norm1, small.norm2):
     assert norm.num_groups * norm.group_size == norm.num_features == norm.scale.shape[0]
   whole = [g for g in s.groups if ("norm1/scale", 0, 0) in
