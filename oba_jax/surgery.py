@@ -301,7 +301,7 @@ def _leading(original: Sequence[int], now: Sequence[int], minor: int) -> int:
 
 
 def _resize_linear(module: nnx.Linear, _) -> None:
-  module.in_features, module.out_features = module.kernel.shape
+  module.in_features, module.out_features = module.kernel.shape[-2:]  # stacked: (layers, in, out)
 
 
 def _resize_conv(module: nnx.Conv, factors) -> None:
@@ -321,28 +321,30 @@ def _norm_leaf(module) -> str | None:
 def _resize_norm(module, _) -> None:
   leaf = _norm_leaf(module)
   if leaf is not None:
-    module.num_features = getattr(module, leaf).shape[0]
+    module.num_features = getattr(module, leaf).shape[-1]
 
 
 def _resize_group_norm(module: nnx.GroupNorm, factors) -> None:
   """Channels are (groups, per group); removing whole groups keeps the statistics exact."""
   leaf = _norm_leaf(module)
-  if leaf is None or not factors(leaf, 0):
+  axis = getattr(module, leaf).ndim - 1 if leaf else 0
+  if leaf is None or not factors(leaf, axis):
     return
-  original, now = factors(leaf, 0, original=True), factors(leaf, 0)
-  features = getattr(module, leaf).shape[0]
+  original, now = factors(leaf, axis, original=True), factors(leaf, axis)
+  features = getattr(module, leaf).shape[-1]
   module.num_groups = _leading(original, now, module.group_size)
   module.group_size = features // module.num_groups
   module.num_features = features
 
 
 def _resize_embed(module: nnx.Embed, _) -> None:
-  module.num_embeddings, module.features = module.embedding.shape
+  module.num_embeddings, module.features = module.embedding.shape[-2:]
 
 
 def _resize_attention(module: MultiHeadAttention, factors) -> None:
+  axis = module.query.kernel.ndim - 1  # stacked modules have a leading layer axis
   for leaf, attribute in (("query/kernel", "head_dim"), ("value/kernel", "value_head_dim")):
-    sizes = factors(leaf, 1)  # (heads..., head_dim)
+    sizes = factors(leaf, axis)  # (heads..., head_dim)
     if sizes:
       setattr(module, attribute, sizes[-1])
 

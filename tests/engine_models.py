@@ -206,6 +206,36 @@ class TinyLM(nnx.Module):
     return self.embed.attend(x) if self.head is None else self.head(x)
 
 
+class ResidualMLP(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs, dim=4, hidden=6):
+    self.fc1 = nnx.Linear(dim, hidden, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, dim, rngs=rngs)
+
+  def __call__(self, x):
+    return x + self.fc2(nnx.relu(self.fc1(x)))
+
+
+class ScannedStack(nnx.Module):
+  """Blocks created with `nnx.vmap` (stacked leaves) and applied with `nnx.scan`."""
+
+  def __init__(self, rngs: nnx.Rngs, layers=3):
+    @nnx.split_rngs(splits=layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return ResidualMLP(rngs)
+
+    self.blocks = make(rngs)
+    self.inp = nnx.Linear(3, 4, rngs=rngs)
+    self.out = nnx.Linear(4, 2, rngs=rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def run(x, block):
+      return block(x)
+
+    return self.out(run(self.inp(x), self.blocks))
+
+
 # --- plain functions and Linen ---------------------------------------------------
 
 
@@ -257,6 +287,14 @@ def mapped_experts_params(key, experts=3, dim=4, hidden=6):
   return {"experts": {"w1": jax.random.normal(k1, (experts, dim, hidden)),
                       "w2": jax.random.normal(k2, (experts, hidden, dim))},
           "out": jax.random.normal(k3, (dim, 2))}
+
+
+def while_refined(params, x):
+  """A `lax.while_loop` whose carry holds hidden features."""
+  h = x @ params["inp"]
+  _, h = jax.lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, jnp.tanh(c[1] @ params["w"])),
+                            (0, h))
+  return h @ params["out"]
 
 
 class LinenCNN(nn.Module):

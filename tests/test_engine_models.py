@@ -83,6 +83,7 @@ NNX_MODELS = {
     "convnext_block": (lambda: em.ConvNeXtBlock(nnx.Rngs(0)), lambda: image()),
     "lm_untied": (lambda: em.TinyLM(nnx.Rngs(0)), lambda: tokens(11)),
     "lm_tied": (lambda: em.TinyLM(nnx.Rngs(0), tied=True), lambda: tokens(11)),
+    "nnx_scanned_stack": (lambda: em.ScannedStack(nnx.Rngs(0)), lambda: image(shape=(2, 3))),
 }
 
 
@@ -111,6 +112,13 @@ def test_scanned_transformer_chain():
 def test_mapped_experts_chain():
   params = em.mapped_experts_params(jax.random.key(0))
   chain(em.mapped_experts, params, (image(shape=(2, 4)),))
+
+
+def test_while_loop_chain():
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  params = {"inp": jax.random.normal(k1, (3, 5)), "w": jax.random.normal(k2, (5, 5)) / 3,
+            "out": jax.random.normal(k3, (5, 2))}
+  chain(em.while_refined, params, (image(shape=(2, 3)),), ratio=0.7)
 
 
 def test_linen_chain():
