@@ -9,7 +9,7 @@ per-layer code. It returns `(compact_apply, compact_params)`.
 `compact(model, plan)` returns an NNX module instead. It deletes, from every
 parameter and state leaf (BatchNorm statistics included), the indices that the
 plan removes from each group, then updates the static attributes of the layers
-that hold shapes: `nnx.Linear`, `nnx.Conv` (grouped and depthwise:
+that hold shapes: `nnx.Linear`, `nnx.LinearGeneral`, `nnx.MultiHeadAttention`, `nnx.Conv` (grouped and depthwise:
 `feature_group_count` from the traced layout), `nnx.BatchNorm`, `nnx.LayerNorm`,
 `nnx.RMSNorm`, `nnx.GroupNorm` (`num_groups`, `group_size`), `nnx.Embed` and
 `oba_jax.models.vit.MultiHeadAttention`. Those updates are per *layer type*
@@ -349,7 +349,27 @@ def _resize_attention(module: MultiHeadAttention, factors) -> None:
       setattr(module, attribute, sizes[-1])
 
 
+def _resize_linear_general(module: nnx.LinearGeneral, _) -> None:
+  """Kernel axes end in (in..., out...): sizes read from the new kernel."""
+  num_in, num_out = len(module.in_features), len(module.out_features)
+  shape = module.kernel.shape[module.kernel.ndim - num_in - num_out:]
+  module.in_features, module.out_features = tuple(shape[:num_in]), tuple(shape[num_in:])
+
+
+def _resize_flax_attention(module: nnx.MultiHeadAttention, _) -> None:
+  """Flax's attention checks its input width; heads and sizes come from the kernels."""
+  module.in_features = module.query.kernel.shape[0]
+  module.in_kv_features = module.key.kernel.shape[0]
+  module.num_heads, module.head_dim = module.query.kernel.shape[1:3]
+  if hasattr(module, "num_kv_heads"):
+    module.num_kv_heads = module.key.kernel.shape[1]
+  module.qkv_features = module.num_heads * module.head_dim
+  module.out_features = module.out.kernel.shape[-1]
+
+
 register_resizer(nnx.Linear, _resize_linear)
+register_resizer(nnx.LinearGeneral, _resize_linear_general)
+register_resizer(nnx.MultiHeadAttention, _resize_flax_attention)
 register_resizer(MultiHeadAttention, _resize_attention)
 register_resizer(nnx.Conv, _resize_conv)
 register_resizer(nnx.GroupNorm, _resize_group_norm)

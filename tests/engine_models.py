@@ -297,6 +297,14 @@ def while_refined(params, x):
   return h @ params["out"]
 
 
+def hinted(params, x):
+  """Placement and scheduling hints on hidden features."""
+  h, x = jax.lax.optimization_barrier((jax.nn.relu(x @ params["w1"]), x))
+  mesh = jax.make_mesh((1,), ("data",))
+  h = jax.lax.with_sharding_constraint(h, jax.sharding.NamedSharding(mesh, jax.P()))
+  return h @ params["w2"] + x @ params["skip"]
+
+
 class LinenCNN(nn.Module):
   """A Linen CNN with a bilinear upsample and a masked ReLU."""
 

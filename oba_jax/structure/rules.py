@@ -68,7 +68,7 @@ def _out_shape(eqn, i: int = 0) -> tuple[int, ...]:
     neg exp exp2 log log1p expm1 tanh logistic sin cos tan asin acos atan sinh cosh asinh acosh
     atanh sqrt rsqrt cbrt abs sign floor ceil round is_finite erf erfc erf_inv integer_pow square
     convert_element_type stop_gradient copy copy_p reduce_precision not real imag conj lgamma
-    digamma add_any optimization_barrier""".split())
+    digamma add_any""".split())
 def elementwise(walk: Walk, eqn, ins: list[Shape]) -> list[Shape]:
   """Operands match the result axis by axis, up to scalars and broadcast size-1 axes."""
   shape = _out_shape(eqn)
@@ -84,6 +84,12 @@ def elementwise(walk: Walk, eqn, ins: list[Shape]) -> list[Shape]:
       else:
         out[d], chosen[d] = axis, True
   return [tuple(out)] * len(eqn.outvars)
+
+
+@register_rule("optimization_barrier", "sharding_constraint", "device_put", "pvary")
+def identity(walk: Walk, eqn, ins: list[Shape]) -> list[Shape]:
+  """Each output is its input (placement and scheduling hints)."""
+  return list(ins)
 
 
 @register_rule("broadcast_in_dim")
