@@ -259,7 +259,7 @@ def _layer_norm(x, scale):
 
 
 def scanned_transformer(params, tokens, heads=2):
-  """A decoder whose blocks run under `lax.scan` over stacked parameters."""
+  """A decoder whose (rematerialised) blocks run under `lax.scan` over stacked parameters."""
   x = jnp.take(params["embed"], tokens, axis=0)
   b, t, _ = x.shape
 
@@ -272,7 +272,7 @@ def scanned_transformer(params, tokens, heads=2):
     h = jax.nn.gelu(_layer_norm(x, p["scale2"]) @ p["w1"] + p["b1"])
     return x + h @ p["w2"], None
 
-  x, _ = jax.lax.scan(block, x, params["blocks"])
+  x, _ = jax.lax.scan(jax.checkpoint(block), x, params["blocks"])  # rematerialised blocks
   return x @ params["head"]["kernel"]
 
 

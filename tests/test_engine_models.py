@@ -249,6 +249,15 @@ def test_unsupported_primitive_is_still_a_clear_error():
     trace(sm.SortsFeatures(nnx.Rngs(0)), jnp.ones((2, 3)))
 
 
+def test_compact_fn_refuses_a_plan_of_another_model():
+  unet, gn = em.UNet(nnx.Rngs(0)), em.GroupNormCNN(nnx.Rngs(0))
+  s = trace(unet, image())
+  chosen = plan.select(s, {g.name: np.arange(g.size, dtype=float) for g in s.groups},
+                       target=plan.KeptFlops(0.5))
+  with pytest.raises(ValueError, match="another model"):
+    surgery.compact_fn(*oba_jax.functional(gn), chosen)
+
+
 def test_compact_fn_runs_at_other_input_shapes():
   model = em.UNet(nnx.Rngs(0))
   model.eval()
