@@ -305,6 +305,13 @@ def hinted(params, x):
   return h @ params["w2"] + x @ params["skip"]
 
 
+def branching(params, x):
+  """`lax.cond` between two uses of the same hidden features."""
+  h = jax.nn.relu(x @ params["w1"])
+  h = jax.lax.cond(x.sum() > 0, lambda h: jnp.tanh(h @ params["mix"]), lambda h: h * 2.0, h)
+  return h @ params["w2"]
+
+
 class LinenCNN(nn.Module):
   """A Linen CNN with a bilinear upsample and a masked ReLU."""
 

@@ -128,6 +128,16 @@ def test_hints_chain():
   chain(em.hinted, params, (image(shape=(2, 3)),), ratio=0.7)
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_cond_chain(sign):
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  params = {"w1": jax.random.normal(k1, (3, 6)), "mix": jax.random.normal(k2, (6, 6)),
+            "w2": jax.random.normal(k3, (6, 2))}
+  x = jnp.abs(image(shape=(2, 3))) * sign  # takes one branch, then the other
+  s, *_ = chain(em.branching, params, (x,), ratio=0.7)
+  assert flops.count(em.branching, x, params=params).macs == 2 * 3 * 6 + 2 * 36 + 2 * 6 * 2
+
+
 def test_linen_chain():
   module = em.LinenCNN()
   x = image()

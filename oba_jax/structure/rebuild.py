@@ -10,7 +10,8 @@ sizes, broadcast shapes, slice bounds, split sizes, a grouped convolution's
 the same layouts (`REWRITES`, one entry per primitive, never per layer).
 Equations whose inputs did not shrink run at full size and keep only the kept
 entries of their results (an `iota` of channel positions, a constant). Calls
-are inlined; `lax.scan` and `lax.while_loop` are rebuilt around re-run bodies.
+are inlined; `lax.scan`, `lax.while_loop` and `lax.cond` are rebuilt around
+re-run bodies.
 Every result is checked against the shape its layout predicts, so a primitive
 whose shape parameters are not understood fails loudly, naming it.
 
@@ -145,6 +146,8 @@ class Rebuild:
       return self._scan(eqn, calls[0], ins)
     if name == "while":
       return self._while(eqn, calls, ins)
+    if name == "cond":
+      return self._cond(eqn, calls, ins)
     inner = inner_jaxpr(eqn)
     if inner is not None:  # jit, custom_jvp/vjp, remat: inlined
       closed = next(eqn.params[k] for k in ("jaxpr", "call_jaxpr", "fun_jaxpr")
@@ -190,6 +193,12 @@ class Rebuild:
     step = lambda c: self.run(body.jaxpr, calls[0], body.consts, [*body_consts, *c])
     test = lambda c: self.run(cond.jaxpr, calls[1], cond.consts, [*cond_consts, *c])[0]
     return list(jax.lax.while_loop(test, step, list(carry)))
+
+
+  def _cond(self, eqn, calls: list[Scope], ins: list) -> list:
+    branches = [lambda *x, b=b, s=s: self.run(b.jaxpr, s, b.consts, x)
+                for b, s in zip(eqn.params["branches"], calls)]
+    return list(jax.lax.switch(ins[0], branches, *ins[1:]))
 
 
 def _same(rebuild, eqn, scope, ins, out_shapes) -> dict:

@@ -15,7 +15,9 @@ MACs are the body's times the length. A parameter stacked along a layer axis
 and scanned over is therefore pruned *uniformly*: index c of a group removes
 slice c of every layer (the compacted body must have one shape for all
 iterations). `lax.while_loop` couples carries the same way; its MACs are one
-iteration's (the trip count is not known when tracing).
+iteration's (the trip count is not known when tracing). `lax.cond` and
+`lax.switch` walk every branch on the same operands and couple their results;
+their MACs are the costliest branch's.
 
 When the walk ends, each class of atoms is a potential group: its members are
 the parameter (and state) axes that contain it, with the index map their
@@ -241,7 +243,30 @@ def _walk_while(walk: Walk, eqn, ins: list[Shape]) -> tuple[list[Shape], list[Sc
   return list(carry), [body_scope, cond_scope]
 
 
-_LOOPS = {"scan": _walk_scan, "while": _walk_while}
+def _walk_cond(walk: Walk, eqn, ins: list[Shape]) -> tuple[list[Shape], list[Scope]]:
+  """`lax.cond`/`lax.switch`: every branch on the same operands; their results coupled.
+
+  The costliest branch (at dense widths) gives the MACs: an upper bound.
+  """
+  outs, scopes, costliest, first = None, [], None, len(walk.mac_terms)
+  for branch in eqn.params["branches"]:
+    start, scope = len(walk.mac_terms), Scope()
+    _pass_param_paths(walk, eqn.invars[1:], branch.jaxpr.invars)
+    results = walk_jaxpr(walk, branch.jaxpr, ins[1:], scope)
+    if outs is None:
+      outs = results
+    else:
+      _unify_shapes(walk, outs, results)
+    terms = walk.mac_terms[start:]
+    dense = sum(math.prod(walk.atoms.layout_size(a) for a in axes) for _, axes in terms)
+    if costliest is None or dense > costliest[0]:
+      costliest = (dense, terms)
+    scopes.append(scope)
+  walk.mac_terms[first:] = costliest[1]
+  return outs, scopes
+
+
+_LOOPS = {"scan": _walk_scan, "while": _walk_while, "cond": _walk_cond}
 
 
 def inner_jaxpr(eqn):
