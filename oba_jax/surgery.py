@@ -9,10 +9,11 @@ per-layer code. It returns `(compact_apply, compact_params)`.
 `compact(model, plan)` returns an NNX module instead. It deletes, from every
 parameter and state leaf (BatchNorm statistics included), the indices that the
 plan removes from each group, then updates the static attributes of the layers
-that hold shapes: `nnx.Linear`, `nnx.LinearGeneral`, `nnx.MultiHeadAttention`, `nnx.Conv` (grouped and depthwise:
-`feature_group_count` from the traced layout), `nnx.BatchNorm`, `nnx.LayerNorm`,
-`nnx.RMSNorm`, `nnx.GroupNorm` (`num_groups`, `group_size`), `nnx.Embed` and
-`oba_jax.models.vit.MultiHeadAttention`. Those updates are per *layer type*
+that hold shapes: `nnx.Linear`, `nnx.LinearGeneral`, `nnx.MultiHeadAttention`,
+`nnx.Conv` (grouped and depthwise: `feature_group_count` from the traced
+layout), `nnx.BatchNorm`, `nnx.LayerNorm`, `nnx.RMSNorm`, `nnx.GroupNorm`
+(`num_groups`, `group_size`), `nnx.Embed` and `oba_jax.models.vit.MultiHeadAttention`,
+stacked (`nnx.vmap`) or not. Those updates are per *layer type*
 (a registry: `register_resizer`), never per architecture. A module that keeps
 a shape elsewhere (say, a head count as a Python int) would come out broken, so
 `compact` checks its result: it runs the new module abstractly on the traced

@@ -165,7 +165,7 @@ class CausalAttention(nnx.Module):
 
 
 def resize_causal_attention(module: CausalAttention, factors) -> None:
-  """A resizer (`surgery.register_resizer`): head sizes are the minor factors of q's, v's outputs."""
+  """A resizer (`surgery.register_resizer`): head sizes are the minor factors of q's, v's."""
   for leaf, attribute in (("q/kernel", "head_dim"), ("v/kernel", "value_head_dim")):
     sizes = factors(leaf, 1)
     if sizes:
