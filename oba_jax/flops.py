@@ -3,7 +3,8 @@
 Counts every convolution and every matrix product (`dot_general`), including the
 attention products between activations (q·kᵀ, softmax·v) that module-hook
 counters such as thop miss. Normalisation, activations and pooling are not
-counted. MACs are for the example input given (pass a batch of one for MACs
+counted. Inside `lax.scan` (and `lax.map`, `nnx.scan`) the body's MACs count once
+per iteration; inside `lax.while_loop` once (the trip count is unknown). MACs are for the example input given (pass a batch of one for MACs
 per example); FLOPs are about 2 x MACs.
 """
 

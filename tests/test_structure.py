@@ -224,6 +224,9 @@ def test_compacted_equals_masked_and_counts_match(name):
   small = surgery.compact(model, chosen)
   got = small(x)
   assert float(jnp.linalg.norm(got - expected) / jnp.linalg.norm(expected)) <= 1e-5
+  small_fn, small_params = surgery.compact_fn(apply_fn, params, chosen)
+  got_fn = jax.jit(small_fn)(small_params, x)
+  assert float(jnp.linalg.norm(got_fn - expected) / jnp.linalg.norm(expected)) <= 1e-5
   np.testing.assert_array_equal(masks.apply(model, chosen)(x), expected)
   counted = flops.count(small, x)
   assert (counted.macs, counted.params) == (chosen.predicted.macs, chosen.predicted.params)

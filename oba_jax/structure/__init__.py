@@ -2,7 +2,8 @@
 
 Modules: `atoms` (axes as products/concatenations of index spaces), `rules` (what
 each primitive couples), `tracer` (the walk), `groups` (the result), `reduce`
-(per-parameter scores to one score per group index).
+(per-parameter scores to one score per group index), `rebuild` (the jaxpr re-run
+at compacted shapes, behind `oba_jax.surgery.compact_fn`).
 
   structure = trace(model, example_input, ignore=("conv_proj",))
   structure.groups        # Group(name, size, members): what must be removed together
@@ -12,10 +13,11 @@ each primitive couples), `tracer` (the walk), `groups` (the result), `reduce`
 
 from oba_jax.structure.atoms import UnsupportedLayoutError
 from oba_jax.structure.groups import Cost, Group, Member, Structure, Term
+from oba_jax.structure.rebuild import register_rewrite
 from oba_jax.structure.reduce import REDUCTIONS, group_scores
 from oba_jax.structure.rules import register_rule
 from oba_jax.structure.tracer import UnsupportedPrimitiveError, trace
 
 __all__ = ["REDUCTIONS", "Cost", "Group", "Member", "Structure", "Term",
-           "UnsupportedLayoutError", "UnsupportedPrimitiveError", "group_scores", "register_rule",
-           "trace"]
+           "UnsupportedLayoutError", "UnsupportedPrimitiveError", "group_scores", "register_rewrite",
+           "register_rule", "trace"]

@@ -94,6 +94,8 @@ class Structure:
   mac_terms: tuple[Term, ...]
   param_terms: tuple[Term, ...]
   leaf_shapes: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+  inputs: tuple = ()  # the example inputs' shapes and dtypes (jax.ShapeDtypeStruct pytrees)
+  ignore: tuple[str, ...] = ()  # the `ignore` prefixes it was traced with
 
   def check_model_leaves(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Raises ValueError unless a model's leaves (path -> shape) are the traced ones."""

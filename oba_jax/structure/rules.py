@@ -25,7 +25,6 @@ class Walk:
   """What a walk over a jaxpr accumulates."""
 
   atoms: Atoms
-  layouts: dict[Any, Shape] = dataclasses.field(default_factory=dict)
   param_paths: dict[Any, str] = dataclasses.field(default_factory=dict)  # jaxpr var -> path
   mac_terms: list[tuple[str, list[Layout]]] = dataclasses.field(default_factory=list)
   unsupported: list[tuple[str, Shape]] = dataclasses.field(default_factory=list)
@@ -69,7 +68,7 @@ def _out_shape(eqn, i: int = 0) -> tuple[int, ...]:
     neg exp exp2 log log1p expm1 tanh logistic sin cos tan asin acos atan sinh cosh asinh acosh
     atanh sqrt rsqrt cbrt abs sign floor ceil round is_finite erf erfc erf_inv integer_pow square
     convert_element_type stop_gradient copy copy_p reduce_precision not real imag conj lgamma
-    digamma add_any optimization_barrier""".split())
+    digamma add_any""".split())
 def elementwise(walk: Walk, eqn, ins: list[Shape]) -> list[Shape]:
   """Operands match the result axis by axis, up to scalars and broadcast size-1 axes."""
   shape = _out_shape(eqn)
@@ -85,6 +84,12 @@ def elementwise(walk: Walk, eqn, ins: list[Shape]) -> list[Shape]:
       else:
         out[d], chosen[d] = axis, True
   return [tuple(out)] * len(eqn.outvars)
+
+
+@register_rule("optimization_barrier", "sharding_constraint", "device_put", "pvary")
+def identity(walk: Walk, eqn, ins: list[Shape]) -> list[Shape]:
+  """Each output is its input (placement and scheduling hints)."""
+  return list(ins)
 
 
 @register_rule("broadcast_in_dim")
@@ -294,6 +299,40 @@ def dynamic_slice(walk: Walk, eqn, ins: list[Shape]) -> list[Shape]:
     else:
       walk.atoms.fix(axis)
       out.append(walk.atoms.new(int(size), True))
+  return [tuple(out)]
+
+
+@register_rule("gather")
+def gather(walk: Walk, eqn, ins: list[Shape]) -> list[Shape]:
+  """Rows looked up by index (an embedding): indexed axes are data, whole axes carry over.
+
+  An operand axis taken whole (slice size = its size) and not collapsed is a
+  feature axis of the result (`offset_dims`, in order); an axis the indices
+  select from, or slice partially, is data. Batched axes (`operand_batching_dims`)
+  are the indices' batched axes; the result's other axes are the indices'.
+  """
+  atoms, p = walk.atoms, eqn.params
+  operand, indices = ins
+  dn, sizes = p["dimension_numbers"], p["slice_sizes"]
+  full = _in_shape(eqn, 0)
+  batching = tuple(getattr(dn, "operand_batching_dims", ()))
+  index_batching = tuple(getattr(dn, "start_indices_batching_dims", ()))
+  for a, b in zip(batching, index_batching):
+    atoms.unify(operand[a], indices[b])
+  whole = [d for d in range(len(operand))
+           if d not in dn.collapsed_slice_dims and d not in batching]
+  for d in range(len(operand)):
+    if d in dn.start_index_map or (d not in batching and sizes[d] != full[d]):
+      atoms.fix(operand[d])
+  shape = _out_shape(eqn)
+  out: list[Layout] = [ONE] * len(shape)
+  for dst, d in zip(dn.offset_dims, whole):
+    out[dst] = operand[d] if sizes[d] == full[d] else atoms.new(shape[dst], True)
+  vector_dim = len(indices) - 1  # jax puts the index vector last
+  batch_axes = [d for d in range(len(indices)) if d != vector_dim]
+  rest = [d for d in range(len(shape)) if d not in dn.offset_dims]
+  for dst, d in zip(rest, batch_axes):
+    out[dst] = indices[d]
   return [tuple(out)]
 
 
