@@ -29,7 +29,7 @@ from oba_jax.delta import path_str
 PyTree = Any
 DATA_AXIS = "data"
 # Programs a host loop may queue before it waits for one (`pace`).
-MAX_IN_FLIGHT = 8
+MAX_IN_FLIGHT = 4
 
 
 def data_mesh(devices=None) -> Mesh:
@@ -70,6 +70,8 @@ def shard_batch(batch: PyTree, mesh: Mesh, axis: str = DATA_AXIS) -> PyTree:
 
   def put(path, x):
     shape = np.shape(x)
+    if shape and shape[0] == 0:
+      raise ValueError(f"batch leaf '{path_str(path)}' has shape {shape}: the batch is empty.")
     if not shape or shape[0] % local_devices:
       raise ValueError(
           f"batch leaf '{path_str(path)}' has shape {shape}; its leading (batch) axis must "
@@ -159,7 +161,12 @@ def accumulate(
         f"scores are NaN or Inf in {len(bad)} of {count} batches (first: batch {bad[0]}). "
         "Check the loss on those batches."
     )
-  return jax.tree.map(lambda t: t / count, total)
+  return _divided(total, count)  # one program, not one per leaf (see `pace`)
+
+
+@jax.jit
+def _divided(tree: PyTree, count) -> PyTree:
+  return jax.tree.map(lambda t: t / count, tree)
 
 
 def _zeros_like(shapes: PyTree, params: PyTree, param_shardings: PyTree, mesh: Mesh) -> PyTree:

@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from oba_jax import masks, structure
 from oba_jax.criteria import CRITERIA, importance
-from oba_jax.estimate import data_mesh, pace, shard_batch
+from oba_jax.estimate import data_mesh, shard_batch
 from oba_jax.functional import classification, functional
 
 PyTree = Any
@@ -187,16 +187,27 @@ def _mean_over(batches, mesh, fn, params, *args):
 
   Not `scores.accumulate`: that jits a new step on every call, and this runs once
   per removal with the same jitted `fn`. Like it, it sets the mesh (exact
-  per-example criteria) and bounds the programs in flight (`estimate.pace`).
+  per-example criteria) and keeps the devices in step with the host: each batch
+  is waited for, as the sums here are small (`estimate.pace` says why).
   """
   total = None
   for i, batch in enumerate(batches):
     call_args = [jax.random.fold_in(a, i) if _is_key(a) else a for a in args]
     with jax.set_mesh(mesh):
       value = fn(params, batch, *call_args)
-    total = value if total is None else jax.tree.map(jnp.add, total, value)
-    pace(i + 1, total)
-  return jax.tree.map(lambda t: t / len(batches), total)
+      total = value if total is None else _tree_add(total, value)
+    jax.block_until_ready(total)
+  return _tree_scale(total, 1 / len(batches))
+
+
+@jax.jit
+def _tree_add(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
+@jax.jit
+def _tree_scale(tree, factor):
+  return jax.tree.map(lambda x: x * factor, tree)
 
 
 def _is_key(x) -> bool:

@@ -163,7 +163,11 @@ class Plan:
 
   @classmethod
   def from_json(cls, text: str) -> "Plan":
-    fields = json.loads(text)
+    try:
+      fields = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"not the JSON of a Plan ({e}): {text[:60]!r}; expected the output of "
+                       "Plan.to_json().") from None
     try:
       return cls(removed=fields["removed"], kept_widths=fields["kept_widths"],
                  predicted=Cost(**fields["predicted"]), dense=Cost(**fields["dense"]),

@@ -145,7 +145,10 @@ class RunDir:
     items = {"state": ocp.args.StandardRestore(target)}
     if isinstance(batches, grain.DatasetIterator):
       items["data"] = grain.checkpoint.CheckpointRestore(batches)
-    restored = self._manager.restore(self.start, args=ocp.args.Composite(**items))["state"]
+    try:
+      restored = self._manager.restore(self.start, args=ocp.args.Composite(**items))["state"]
+    except Exception as error:  # orbax, tensorstore and grain raise many kinds
+      raise unreadable(self.workdir, self.start, error) from error
     return type(like)(*restored) if isinstance(like, tuple) else restored
 
   def wait_until_finished(self) -> None:
@@ -162,6 +165,8 @@ class RunDir:
           f"{self.workdir} holds a checkpoint (step {step}) that finetune did not "
           "write; nothing was changed. Use another workdir."
       ) from None
+    except Exception as error:
+      raise unreadable(self.workdir, step, error) from error
     differences = list(_differences(saved["run"], self.run))
     if differences:
       shown = "; ".join(differences[:5]) + (
@@ -172,6 +177,17 @@ class RunDir:
           f"changed. Use another workdir, or delete this one to start over. "
           f"Differences: {shown}."
       )
+
+
+def unreadable(workdir: str, step: int, error: Exception) -> ValueError:
+  """The error for a checkpoint that cannot be read: which one, and how to go on."""
+  reason = (str(error).strip().splitlines() or [""])[0][:200]
+  step_dir = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step))
+  return ValueError(
+      f"checkpoint step {step} in {step_dir} cannot be read ({type(error).__name__}: "
+      f"{reason}). It is damaged (e.g. a disk filled up or a copy was cut short) or was "
+      f"written by another version of oba_jax. Delete {step_dir} to resume from the previous "
+      "checkpoint, or the whole workdir to start over.")
 
 
 def _differences(saved: Any, current: Any, path: str = "") -> Iterator[str]:
@@ -197,8 +213,37 @@ def read_extra_state(workdir: str | os.PathLike) -> dict | None:
     step = manager.latest_step()
     if step is None:
       return None
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  return meta["run"]["extra_state"]
+    try:
+      meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      return meta["run"]["extra_state"]
+    except Exception as error:
+      raise unreadable(workdir, step, error) from error
+
+
+def read_state(workdir: str | os.PathLike) -> tuple[int, dict] | None:
+  """(step, state) of the latest checkpoint in `workdir`, or None if it holds none.
+
+  The state is the saved `TrainState` as a dict ("params", "model_state",
+  "opt_state", "sums") of arrays on this process's first device, whatever
+  number of devices wrote it.
+  """
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    return None
+  with ocp.CheckpointManager(directory) as manager:
+    step = manager.latest_step()
+  if step is None:
+    return None
+  path = os.path.join(directory, str(step), "state")
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      metadata = checkpointer.metadata(path).item_metadata
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            metadata)
+      return step, checkpointer.restore(path, target)
+  except Exception as error:
+    raise unreadable(workdir, step, error) from error
 
 
 def _history_until(path: str, step: int) -> list[dict]:

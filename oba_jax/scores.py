@@ -45,7 +45,7 @@ from oba_jax.curvature import (bilinear_vp, fisher_diagonal, ggn_vp, grad_deriva
                                hutchinson_diagonal, hvp, residual_vp)
 from oba_jax.delta import Prunable, prunable_mask, removal_delta
 from oba_jax.estimate import accumulate
-from oba_jax.validate import check_choice, check_finite, check_scalar_loss
+from oba_jax.validate import check_choice, check_finite, check_score_inputs
 
 PyTree = Any
 
@@ -92,7 +92,7 @@ def oba(
   """
   check_choice("curvature", curvature, OBA_CURVATURES)
   delta = removal_delta(params, delta, prunable)
-  check_scalar_loss(loss_fn, params, batch)
+  check_score_inputs(loss_fn, params, batch)
   if curvature == "hessian":
     grad, c_delta = hvp(loss_fn, params, batch, delta)
   elif curvature == "bilinear":
@@ -131,7 +131,7 @@ def taylor(
   if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= MAX_TAYLOR_ORDER:
     raise ValueError(f"order must be an integer in 1..{MAX_TAYLOR_ORDER}, got {order!r}.")
   delta = removal_delta(params, delta, prunable)
-  check_scalar_loss(loss_fn, params, batch)
+  check_score_inputs(loss_fn, params, batch)
   derivative = grad_derivative(loss_fn, params, batch, delta, order - 1)
   scale = 1.0 / math.factorial(order)
   scores = jax.tree.map(lambda d, g: d * g * scale, delta, derivative)
@@ -164,7 +164,7 @@ def obd(
   if key is None:
     raise ValueError("obd needs key=jax.random.key(...) for its random probes or labels.")
   delta = removal_delta(params, delta, prunable)
-  check_scalar_loss(loss_fn, params, batch)
+  check_score_inputs(loss_fn, params, batch)
   if diag == "hutchinson":
     diagonal = hutchinson_diagonal(loss_fn, params, batch, key, num_probes, probe_batch)
   else:

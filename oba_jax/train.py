@@ -195,7 +195,9 @@ class TrainState(NamedTuple):
     params: the model's `nnx.Param`s.
     model_state: its other variables (BatchNorm statistics, RNG streams).
     opt_state: the optimizer state.
-    sums: training loss, correct predictions, examples and steps since the last record.
+    sums: training loss, correct predictions, examples and steps since the last record,
+      and `first_nonfinite`: the first of those steps (counted from 1) whose loss or
+      updated parameters were NaN or Inf, 0 if none was.
   """
 
   params: PyTree
@@ -210,6 +212,7 @@ def _zero_sums() -> dict[str, jax.Array]:
       "correct": jnp.zeros((), jnp.int32),
       "examples": jnp.zeros((), jnp.int32),
       "steps": jnp.zeros((), jnp.int32),
+      "first_nonfinite": jnp.zeros((), jnp.int32),
   }
 
 
@@ -233,10 +236,15 @@ def make_train_step(
 
     (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
     correct = jnp.sum(jnp.argmax(logits, -1) == batch["label"], dtype=jnp.int32)
     batch_sums = {"loss": loss, "correct": correct, "examples": batch["label"].shape[0], "steps": 1}
     sums = {name: state.sums[name] + value for name, value in batch_sums.items()}
-    return TrainState(optax.apply_updates(state.params, updates), model_state, opt_state, sums)
+    finite = jnp.isfinite(loss) & jnp.all(
+        jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+    first = state.sums["first_nonfinite"]
+    sums["first_nonfinite"] = jnp.where((first == 0) & ~finite, sums["steps"], first)
+    return TrainState(params, model_state, opt_state, sums)
 
   return jax.jit(step, out_shardings=NamedSharding(mesh, PartitionSpec()), donate_argnums=0)
 
@@ -335,6 +343,7 @@ def finetune(
         record=rundir.record,
         mesh=mesh,
         progress=progress,
+        workdir=rundir.workdir,
     )
     rundir.wait_until_finished()
   trained = nnx.merge(eval_graphdef, nnx.State(state.params), nnx.State(state.model_state))
@@ -353,8 +362,13 @@ def _train(
     record: Callable[[dict], None],
     mesh: Mesh,
     progress: bool,
+    workdir: str,
 ) -> TrainState:
-  """The loop from step `start` to the end: steps, records, evaluations and checkpoints."""
+  """The loop from step `start` to the end: steps, records, evaluations and checkpoints.
+
+  The loop stops with an error naming the step where the loss or the parameters
+  turn non-finite, checked before every record and checkpoint.
+  """
   total = config.total_steps
   schedule = learning_rate_schedule(config, total)
   with tqdm(
@@ -374,34 +388,38 @@ def _train(
       )
       pace(step - start, state)
       bar.update()
-      if step % config.log_every == 0 or step == total:
+      logs = step % config.log_every == 0 or step == total
+      saves = step % config.checkpoint_every == 0 or step == total
+      if logs or saves:
         sums = jax.device_get(state.sums)
+        _check_finite(sums, step, config, schedule, workdir)
+      if logs:
         state = state._replace(sums=replicate(_zero_sums(), mesh))
         loss = float(sums["loss"] / sums["steps"])
-        record(
-            {
-                "step": step,
-                "loss": loss,
-                "accuracy": float(sums["correct"] / sums["examples"]),
-                "lr": float(schedule(step - 1)),
-                "time": time.time(),
-            }
-        )
+        record({"step": step, "loss": loss, "accuracy": float(sums["correct"] / sums["examples"]),
+                "lr": float(schedule(step - 1)), "time": time.time()})
         bar.set_postfix(loss=f"{loss:.4f}")
       if evaluate_state is not None and (
-          step == total or (config.eval_every and step % config.eval_every == 0)
-      ):
+          step == total or (config.eval_every and step % config.eval_every == 0)):
         result = evaluate_state(state)
-        record(
-            {
-                "step": step,
-                **{f"eval_{name}": value for name, value in result.items()},
-                "time": time.time(),
-            }
-        )
-      if step % config.checkpoint_every == 0 or step == total:
+        record({"step": step, **{f"eval_{name}": value for name, value in result.items()},
+                "time": time.time()})
+      if saves:
         checkpoint(step, state)
   return state
+
+
+def _check_finite(sums: dict, step: int, config: TrainConfig, schedule: optax.Schedule,
+                  workdir: str) -> None:
+  """Raises FloatingPointError if a step since the last record diverged (nothing is saved)."""
+  if not sums["first_nonfinite"]:
+    return
+  bad = step - int(sums["steps"]) + int(sums["first_nonfinite"])
+  raise FloatingPointError(
+      f"training in {workdir} diverged: the loss or the parameters became NaN or Inf at step "
+      f"{bad} of {config.total_steps} (learning rate {float(schedule(bad - 1)):g} there). "
+      f"Nothing from that step on was saved. Lower learning_rate (now {config.learning_rate:g}) "
+      "or check the data; a rerun resumes from the last checkpoint.")
 
 
 def _check_batch(batch: PyTree, batch_size: int) -> None:

@@ -30,6 +30,28 @@ def check_scalar_loss(loss_fn, params: PyTree, batch: PyTree, name: str = "loss_
     )
 
 
+def check_score_inputs(loss_fn, params: PyTree, batch: PyTree) -> None:
+  """Raises unless params are floating, the batch holds examples and the loss is a scalar.
+
+  Integer parameters have no derivatives (JAX would fail deep inside with a
+  `float0` error) and an empty batch would give scores of zero, so both are
+  refused here, before any work.
+  """
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+      raise TypeError(
+          f"parameter '{path_str(path)}' has dtype {jnp.result_type(leaf)}; scores "
+          "differentiate the loss, so parameters must be floating (cast them, e.g. "
+          "jax.tree.map(lambda x: x.astype(jnp.float32), params), or leave integer "
+          "state out of params).")
+  for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
+    shape = jnp.shape(leaf)
+    if shape and shape[0] == 0:
+      raise ValueError(f"batch leaf '{path_str(path)}' has shape {shape}: the batch is "
+                       "empty, and scores of no examples would all be zero.")
+  check_scalar_loss(loss_fn, params, batch)
+
+
 def check_choice(name: str, value, accepted) -> None:
   if value not in accepted:
     raise ValueError(f"{name}={value!r} is not supported; accepted: {sorted(accepted)}.")

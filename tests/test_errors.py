@@ -82,3 +82,33 @@ def test_bad_model_arguments():
     models.VGG(17, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="width must be a positive integer"):
     models.VGG(11, width=0, rngs=nnx.Rngs(0))
+
+
+# --- reliability probes (issue 13): each failed silently or with a raw traceback ----------
+
+
+def test_an_empty_batch_is_refused():
+  empty = {"image": jnp.ones((0, 3)), "label": jnp.zeros((0,), jnp.int32)}
+  with pytest.raises(ValueError, match=r"batch leaf 'image' has shape \(0, 3\): the batch is empty"):
+    scores.oba(loss, PARAMS, empty)
+  with pytest.raises(ValueError, match="the batch is empty"):
+    scores.accumulate(lambda p, b: scores.taylor(loss, p, b), PARAMS, [empty])
+
+
+def test_integer_parameters_are_refused_by_name():
+  integer = {"dense": {"kernel": jnp.ones((3, 2), jnp.int32), "bias": jnp.zeros((2,))}}
+  with pytest.raises(TypeError, match=r"parameter 'dense/kernel' has dtype int32; .* floating"):
+    scores.oba(lambda p, b: jnp.mean(b["image"] @ p["dense"]["kernel"] * 1.0), integer, BATCH)
+
+
+def test_plan_from_garbage_json():
+  from oba_jax import plan
+  with pytest.raises(ValueError, match=r"not the JSON of a Plan .*'garbage'"):
+    plan.Plan.from_json("garbage")
+
+
+def test_model_sizes_must_be_positive():
+  with pytest.raises(ValueError, match=r"model 'resnet8_cifar': width=0 must be a positive integer"):
+    models.check("resnet8_cifar", width=0)
+  with pytest.raises(ValueError, match=r"does not take these arguments .*depth_multiplier"):
+    models.check("resnet8_cifar", depth_multiplier=2)

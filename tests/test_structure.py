@@ -288,3 +288,19 @@ def test_oba_scores_to_a_compacted_model():
   small = surgery.compact(model, chosen)
   assert flops.count(small, x).params <= 0.6 * s.cost().params
   np.testing.assert_allclose(small(x), masks.apply(model, chosen)(x), rtol=1e-5, atol=1e-6)
+
+
+def test_parameters_the_outputs_never_read_are_not_groups():
+  """An unused layer used to be offered as prunable groups (issue 13)."""
+
+  class WithSpare(nnx.Module):
+    def __init__(self, rngs):
+      self.a = nnx.Linear(4, 8, rngs=rngs)
+      self.b = nnx.Linear(8, 3, rngs=rngs)
+      self.spare = nnx.Linear(4, 5, rngs=rngs)
+
+    def __call__(self, x):
+      return self.b(nnx.relu(self.a(x)))
+
+  found = trace(WithSpare(nnx.Rngs(0)), jnp.ones((1, 4)))
+  assert [g.name for g in found.groups] == ["a/kernel@1"]

@@ -23,6 +23,7 @@ import oba_jax
 import train_worker
 from oba_jax import masks, runs, scores, train
 from oba_jax.evaluation import evaluate
+from oba_jax.experiments import pipeline
 from oba_jax.models import ResNetCIFAR
 
 WORKER = train_worker.__file__
@@ -361,6 +362,41 @@ def test_evaluate_on_eight_devices_matches_one(tmp_path, one_device_evaluation):
     eight = json.load(f)
   assert eight["devices"] == 8
   assert_same_evaluation(eight, one_device_evaluation)
+
+
+def test_a_checkpoint_written_on_two_devices_restores_on_one(tmp_path):
+  """`init.checkpoint` of a run made on another device count (it failed: topology mismatch)."""
+  workdir, out = tmp_path / "run", tmp_path / "two"
+  subprocess.run([sys.executable, WORKER, "finetune", str(workdir), str(out)],
+                 env=worker_env(2), check=True, timeout=300)
+  step, state = runs.read_state(workdir)
+  assert step == train_worker.CONFIG.total_steps and set(state) >= {"params", "model_state"}
+  restored = pipeline.restore(train_worker.TinyNet(rngs=nnx.Rngs(0)), str(workdir))
+  assert_same_params(train_worker.flat_params(restored), dict(np.load(f"{out}.npz")))
+
+
+def test_training_that_diverges_stops_at_the_step_and_saves_nothing(tmp_path):
+  config = dataclasses.replace(train_worker.CONFIG, steps=6, learning_rate=1e30, log_every=3,
+                               checkpoint_every=3)
+  with pytest.raises(FloatingPointError, match=r"diverged: .* at step [12] of 6 .*learning_rate"):
+    train.finetune(train_worker.TinyNet(rngs=nnx.Rngs(0)), train_worker.SyntheticBatches(8),
+                   config, workdir=tmp_path, progress=False)
+  assert runs.read_state(tmp_path) is None  # no checkpoint of the non-finite model
+
+
+def test_a_damaged_checkpoint_names_its_step_and_deleting_it_resumes(tmp_path):
+  config = dataclasses.replace(train_worker.CONFIG, steps=8)
+  run = lambda: train_worker.finetune(str(tmp_path), config=config)
+  run()
+  state_dir = tmp_path / runs.CHECKPOINT_DIR / "8" / "state"
+  for path in state_dir.rglob("*"):  # cut every data file short, as a full disk would
+    if path.is_file() and path.stat().st_size > 64:
+      path.write_bytes(path.read_bytes()[:64])
+  with pytest.raises(ValueError, match=r"checkpoint step 8 in .*/8 cannot be read .*Delete"):
+    run()
+  shutil.rmtree(state_dir.parent)
+  model, history, _ = run()  # resumes from step 4 and finishes
+  assert history[-1]["step"] == 8
 
 
 def free_port() -> int:

@@ -10,8 +10,11 @@ refuses, before any work and without touching a file, a directory that holds a
 run of another configuration. Results are written atomically.
 """
 
+import difflib
+import fcntl
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +26,7 @@ from ml_collections import config_flags
 from oba_jax.runtime import enable_compilation_cache
 
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
 # Keys that do not change what a run computes, so a rerun may change them.
 RUNTIME_KEYS = frozenset({"progress", "log_every"})
 
@@ -51,20 +55,101 @@ def write_json(path: str, value: Any) -> None:
 
 
 def claim_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Records `config` in `workdir`, or raises if the directory holds another configuration."""
+  """Records `config` in `workdir` and locks it for this process, or raises saying why not.
+
+  Refused, before anything is written: a workdir that is not writable, one that
+  another run holds (a lock for this process's lifetime), and one that holds a
+  checkpoint or a result of another configuration. A workdir whose recorded
+  configuration never produced a checkpoint or a result (a run that failed on a
+  bad setting or missing data) is taken over by the new configuration.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  if not os.access(workdir, os.W_OK):
+    raise PermissionError(f"workdir {workdir!r} is not writable; a run writes its checkpoints "
+                          "and results there. Use another --workdir, or copy this one.")
+  _lock(workdir)
   wanted = _comparable(config.to_dict())
   path = os.path.join(workdir, CONFIG_FILE)
   if os.path.exists(path):
-    with open(path) as f:
-      found = _comparable(json.load(f))
-    if found != wanted:
-      differing = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+    found = _comparable(read_json(path, what="the workdir's recorded configuration"))
+    if found == wanted:
+      return
+    differing = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+    if _holds_work(workdir):
       raise ValueError(
           f"workdir {workdir!r} holds a run of another configuration (differs in "
           f"{differing[:6]}); use a new --workdir, or the same config to resume. Nothing was "
           "changed.")
-    return
+    print(f"workdir {workdir}: its earlier configuration produced nothing (differs in "
+          f"{differing[:6]}); this run takes it over.")
   write_json(path, config.to_dict())
+
+
+def read_json(path: str, *, what: str = "this file") -> Any:
+  """The JSON in `path`, or a ValueError naming the file when it is not JSON."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{path} ({what}) is not valid JSON ({error}); it was damaged. Delete it "
+                     "to recompute what it held.") from None
+
+
+_LOCKS: dict[str, Any] = {}  # workdir -> its open lock file, held until the process ends
+
+
+def _lock(workdir: str) -> None:
+  """Takes `workdir/.lock` for this process, or raises if another process holds it."""
+  key = os.path.realpath(workdir)
+  if key in _LOCKS:
+    return
+  handle = open(os.path.join(workdir, LOCK_FILE), "a+")
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    handle.seek(0)
+    holder = handle.read().strip() or "another process"
+    handle.close()
+    raise RuntimeError(f"workdir {workdir!r} is in use by another run ({holder}); wait for it "
+                       "to finish, or use another --workdir.") from None
+  handle.seek(0)
+  handle.truncate()
+  handle.write(f"pid {os.getpid()}\n")
+  handle.flush()
+  _LOCKS[key] = handle
+
+
+def _holds_work(workdir: str) -> bool:
+  """Whether `workdir` holds a checkpoint step or a JSON result besides the config."""
+  for directory, subdirectories, files in os.walk(workdir):
+    if os.path.basename(directory) == "checkpoints" and any(d.isdigit() for d in subdirectories):
+      return True
+    if any(f.endswith(".json") for f in files if os.path.join(directory, f) != os.path.join(
+        workdir, CONFIG_FILE)):
+      return True
+  return False
+
+
+def smoke(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of `config` with the smoke-mode values of `overrides` (dotted keys), said aloud.
+
+  Smoke mode is a tiny run; it replaces these settings whatever they were, and
+  prints the ones it changed so that nobody mistakes a smoke result for theirs.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  changed = []
+  for key, value in overrides.items():
+    *parents, name = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    before = node.get(name)
+    if before != value:
+      changed.append(f"{key}={value!r} (was {before!r})")
+    node[name] = value
+  if changed:
+    print("smoke mode (a tiny run) sets " + ", ".join(changed))
+  return config
 
 
 def _comparable(tree: dict, prefix: str = "") -> dict:
@@ -82,7 +167,15 @@ def _comparable(tree: dict, prefix: str = "") -> dict:
 
 def main(get_config: Callable[[], ml_collections.ConfigDict],
          run: Callable[[ml_collections.ConfigDict, str], Any]) -> None:
-  """Parses --config.* and --workdir, then calls `run(config, workdir)`."""
+  """Parses --config.* and --workdir, then calls `run(config, workdir)`.
+
+  Mistakes end in one clear paragraph, not a traceback: an unknown --config key
+  (with the closest valid one), a value of the wrong type, and the ValueError,
+  FileNotFoundError, PermissionError, RuntimeError or FloatingPointError that
+  `run` raises for bad settings, missing data or a diverged run. Set
+  OBA_JAX_TRACEBACK=1 to see the traceback as well.
+  """
+  _check_config_keys(sys.argv[1:], get_config())
   config_flags.DEFINE_config_dict("config", get_config())
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
   flags.mark_flag_as_required("workdir")
@@ -92,6 +185,39 @@ def main(get_config: Callable[[], ml_collections.ConfigDict],
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     enable_compilation_cache()
-    run(flags.FLAGS.config, flags.FLAGS.workdir)
+    try:
+      run(flags.FLAGS.config, flags.FLAGS.workdir)
+    except (ValueError, FileNotFoundError, PermissionError, RuntimeError,
+            FloatingPointError) as error:
+      if os.environ.get("OBA_JAX_TRACEBACK"):
+        raise
+      _fail(f"{type(error).__name__}: {error}")
 
   app.run(_main)
+
+
+def _check_config_keys(argv: list[str], config: ml_collections.ConfigDict) -> None:
+  """Exits with the closest valid key when a --config.<key> on the command line is unknown."""
+  known = list(_flat_keys(config.to_dict()))
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    key = arg[len("--config."):].split("=", 1)[0]
+    if key in known or any(k.startswith(key + ".") for k in known):
+      continue
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" Did you mean --config.{close[0]}?" if close else ""
+    _fail(f"unknown setting --config.{key}.{hint} Run with --help to list every setting.")
+
+
+def _flat_keys(tree: dict, prefix: str = ""):
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      yield from _flat_keys(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}"
+
+
+def _fail(message: str) -> None:
+  print(f"{os.path.basename(sys.argv[0]) or 'oba_jax'}: {message}", file=sys.stderr)
+  sys.exit(2)

@@ -16,7 +16,6 @@ resumes from there. Criteria that run the model one example at a time
 would be normalised by its own statistics (`criteria.Criterion.per_example`).
 """
 
-import json
 import os
 import time
 
@@ -60,10 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def _smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.update(width=4, batch_size=16, held_out_batches=2, max_removals=12)
-  config.dense.update(steps=20, batch_size=32)
-  return config
+  return cli.smoke(config, {"width": 4, "batch_size": 16, "held_out_batches": 2,
+                            "max_removals": 12, "dense.steps": 20, "dense.batch_size": 32})
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -81,6 +78,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"{key}={config[key]!r} must be a positive integer.")
   if config.data_dir is not None and not os.path.isdir(config.data_dir):
     raise FileNotFoundError(f"data_dir {config.data_dir!r} is not a directory.")
+  try:
+    _recipe(config)
+  except ValueError as error:
+    raise ValueError(f"dense: {error}") from None
+
+
+def _recipe(config: ml_collections.ConfigDict) -> train.TrainConfig:
+  """How every dense model is trained."""
+  return train.TrainConfig(steps=config.dense.steps, batch_size=config.dense.batch_size,
+                           learning_rate=config.dense.learning_rate,
+                           weight_decay=config.dense.weight_decay, schedule="cosine",
+                           seed=config.seed)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -88,6 +97,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = time.perf_counter()
   check_config(config)
   info = data.dataset_info(config.dataset, "train", data_dir=config.data_dir)
+  for name in cli.names(config.models):
+    models.check(name, width=config.width, in_channels=info.image_shape[-1],
+                 num_classes=info.num_classes)
   cli.claim_workdir(workdir, config)
   if config.smoke:
     config = _smoke(config)
@@ -107,8 +119,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for bn_mode in cli.names(config.bn_modes):
       path = os.path.join(workdir, model_name, f"{bn_mode}.json")
       if os.path.exists(path):
-        with open(path) as f:
-          study = Study.from_json(json.load(f))
+        study = Study.from_json(cli.read_json(path, what=f"the saved {bn_mode} study"))
       else:
         model = nnx.clone(dense)
         if bn_mode == "train":
@@ -141,11 +152,7 @@ def _dense(model_name: str, config, info, workdir: str) -> nnx.Module:
                         in_channels=info.image_shape[-1], num_classes=info.num_classes)
   stream = data.load(config.dataset, "train", batch_size=config.dense.batch_size, train=True,
                      seed=config.seed, data_dir=config.data_dir)
-  recipe = train.TrainConfig(steps=config.dense.steps, batch_size=config.dense.batch_size,
-                             learning_rate=config.dense.learning_rate,
-                             weight_decay=config.dense.weight_decay, schedule="cosine",
-                             seed=config.seed)
-  dense, _ = train.finetune(model, stream, recipe, workdir=os.path.join(workdir, model_name,
+  dense, _ = train.finetune(model, stream, _recipe(config), workdir=os.path.join(workdir, model_name,
                                                                         "dense"),
                             progress=config.progress)
   return dense

@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from matplotlib import figure
 
@@ -108,13 +107,11 @@ def _training(*, epochs, learning_rate, weight_decay, milestones) -> ml_collecti
 
 def _smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A few steps on a few examples with the CLI's tiny model."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.model_kwargs.update(config.smoke_model_kwargs.to_dict())
-  config.update(test_split=f"{config.test_split}[:32]", eval_batch_size=16, timing_batch=4)
-  config.dense.update(steps=4, batch_size=8)
-  config.finetune.update(steps=3, batch_size=8)
-  config.prune.update(steps=2, importance_batches=2, importance_batch_size=8)
-  return config
+  return cli.smoke(config, {
+      **{f"model_kwargs.{k}": v for k, v in config.smoke_model_kwargs.to_dict().items()},
+      "test_split": f"{config.test_split}[:32]", "eval_batch_size": 16, "timing_batch": 4,
+      "dense.steps": 4, "dense.batch_size": 8, "finetune.steps": 3, "finetune.batch_size": 8,
+      "prune.steps": 2, "prune.importance_batches": 2, "prune.importance_batch_size": 8})
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -154,6 +151,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = time.perf_counter()
   check_config(config)
   info = data.dataset_info(config.dataset, config.train_split, data_dir=config.data_dir)
+  _check_run(config, info)
   cli.claim_workdir(workdir, config)
   if config.smoke:
     config = _smoke(config)
@@ -209,6 +207,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
+def _check_run(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> None:
+  """The model and both training recipes can be built: checked before any work."""
+  models.check(config.model, in_channels=info.image_shape[-1], num_classes=info.num_classes,
+               **config.model_kwargs.to_dict())
+  trains_dense = config.init.weights is None and config.init.checkpoint is None
+  for name, needed in (("dense", trains_dense), ("finetune", config.finetune.enabled)):
+    if needed:
+      try:
+        _train_config(config[name], info.num_examples, config.seed)
+      except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+
+
 def _dense(model, config, workdir, stream, num_examples) -> nnx.Module:
   """The dense model: loaded from `config.init`, or trained in `workdir/dense`."""
   if config.init.weights is not None:
@@ -226,8 +237,9 @@ def _dense(model, config, workdir, stream, num_examples) -> nnx.Module:
 
 def _train_config(recipe, num_examples: int, seed: int) -> train.TrainConfig:
   """`train.TrainConfig` of a `_training` recipe."""
+  per_epoch = max(1, num_examples // recipe.batch_size) if recipe.batch_size > 0 else 1
   length = (dict(steps=recipe.steps) if recipe.steps else
-            dict(epochs=recipe.epochs, steps_per_epoch=num_examples // recipe.batch_size))
+            dict(epochs=recipe.epochs, steps_per_epoch=per_epoch))
   return train.TrainConfig(**length, batch_size=recipe.batch_size,
                            learning_rate=recipe.learning_rate,
                            weight_decay=recipe.weight_decay, schedule="multistep",
@@ -311,17 +323,14 @@ def _unstructured(config, criterion, dense, example, batches, test, finetune):
 
 def restore(model: nnx.Module, directory: str) -> nnx.Module:
   """`model` with the parameters and state of the latest checkpoint of a `train.finetune` run."""
-  checkpoints = os.path.join(directory, runs.CHECKPOINT_DIR)
-  with ocp.CheckpointManager(checkpoints) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"init.checkpoint {directory!r} holds no checkpoint of "
-                              f"train.finetune (no {checkpoints}/<step>).")
-    saved = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  saved = runs.read_state(directory)  # on this machine's devices, whatever wrote it
+  if saved is None:
+    raise FileNotFoundError(f"init.checkpoint {directory!r} holds no checkpoint of "
+                            f"train.finetune (no {runs.CHECKPOINT_DIR}/<step> in it).")
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   for state, name in ((params, "params"), (model_state, "model_state")):
     by_path = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(
-        saved["state"][name])[0]}  # restored keys are strings ('0', not 0)
+        saved[1][name])[0]}  # restored keys are strings ('0', not 0)
     nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(
         lambda p, x: _saved_like(by_path, path_str(p), x, directory), nnx.to_pure_dict(state)))
   restored = nnx.merge(graphdef, params, model_state)

@@ -50,11 +50,10 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def _smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.update(width=4, dense_steps=10, prune_steps=2, importance_batches=2,
-                importance_batch_size=16, finetune_steps=5, test_split="test[:256]",
-                batch_size=32, timing_batch=8, round_to=1)
-  return config
+  return cli.smoke(config, dict(width=4, dense_steps=10, prune_steps=2, importance_batches=2,
+                                importance_batch_size=16, finetune_steps=5,
+                                test_split="test[:256]", batch_size=32, timing_batch=8,
+                                round_to=1))
 
 
 def _prune_config(config: ml_collections.ConfigDict, criterion: str) -> prune.StructuredConfig:
@@ -63,16 +62,35 @@ def _prune_config(config: ml_collections.ConfigDict, criterion: str) -> prune.St
                                 round_to=config.round_to)
 
 
+def _recipes(config: ml_collections.ConfigDict) -> dict[str, train.TrainConfig]:
+  """The dense training and the fine-tuning, each a `train.TrainConfig` (checked when built)."""
+  recipes = {}
+  for stage, steps, learning_rate, weight_decay in (
+      ("dense", config.dense_steps, config.dense_learning_rate, 5e-4),
+      ("finetune", config.finetune_steps, config.finetune_learning_rate, 1e-4)):
+    try:
+      recipes[stage] = train.TrainConfig(
+          steps=steps, batch_size=config.batch_size, learning_rate=learning_rate,
+          weight_decay=weight_decay, schedule="cosine", seed=config.seed)
+    except ValueError as error:
+      raise ValueError(f"{stage}: {error}") from None
+  return recipes
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   names = cli.check_names("criteria", config.criteria, criteria.CRITERIA)
   if not 0 < config.target <= 1:
     raise ValueError(f"target={config.target} must be a kept-FLOPs ratio in (0, 1].")
-  for name in names:  # every pruning setting, checked before the workdir is claimed
+  for name in names:  # every setting is checked before the workdir is claimed
     _prune_config(config, name)
+  _recipes(config)
+  info = data.dataset_info(config.dataset, "train", data_dir=config.data_dir)
+  models.check(config.model, width=config.width, in_channels=info.image_shape[-1],
+               num_classes=info.num_classes)
   cli.claim_workdir(workdir, config)
   if config.smoke:
     config = _smoke(config)
-  info = data.dataset_info(config.dataset, "train", data_dir=config.data_dir)
+  recipes = _recipes(config)
   stream = lambda seed, **kw: data.load(config.dataset, "train", train=True, seed=seed,
                                         data_dir=config.data_dir, **kw)
   test = list(data.load(config.dataset, config.test_split, batch_size=1000, train=False,
@@ -80,12 +98,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   model = models.create(config.model, seed=config.seed, width=config.width,
                         in_channels=info.image_shape[-1], num_classes=info.num_classes)
-  dense, _ = train.finetune(
-      model, stream(config.seed, batch_size=config.batch_size),
-      train.TrainConfig(steps=config.dense_steps, batch_size=config.batch_size,
-                        learning_rate=config.dense_learning_rate, weight_decay=5e-4,
-                        schedule="cosine", seed=config.seed),
-      workdir=os.path.join(workdir, "dense"), progress=config.progress)
+  dense, _ = train.finetune(model, stream(config.seed, batch_size=config.batch_size),
+                            recipes["dense"], workdir=os.path.join(workdir, "dense"),
+                            progress=config.progress)
   example = test[0]["image"][:1]
   timing_input = jnp.asarray(test[0]["image"][:config.timing_batch])
   dense_row = {"criterion": "dense",
@@ -100,10 +115,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     pruned_accuracy = evaluate(result.masked, test)["accuracy"]
     mask = masks.from_plan(result.plan.structure, result.plan, functional(result.masked)[1])
     tuned, _ = train.finetune(
-        result.masked, stream(config.seed + 2, batch_size=config.batch_size),
-        train.TrainConfig(steps=config.finetune_steps, batch_size=config.batch_size,
-                          learning_rate=config.finetune_learning_rate, schedule="cosine",
-                          seed=config.seed),
+        result.masked, stream(config.seed + 2, batch_size=config.batch_size), recipes["finetune"],
         workdir=os.path.join(workdir, f"finetune_{criterion}"), mask=mask,
         extra_state={"plan": result.plan.to_json()}, progress=config.progress)
     compacted = surgery.compact(tuned, result.plan)

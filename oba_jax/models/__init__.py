@@ -8,7 +8,7 @@ q/k/v/out projections, optional grouped key/value heads).
 from oba_jax.models import resnet, vit
 from oba_jax.models.resnet import (Bottleneck, ResNet, resnet18, resnet34, resnet50,
                                    resnet101, resnet152)
-from oba_jax.models.registry import MODELS, create
+from oba_jax.models.registry import MODELS, check, create
 from oba_jax.models.resnet_cifar import BasicBlock, ResNetCIFAR
 from oba_jax.models.vgg import VGG, ConvBN
 from oba_jax.models.vit import MultiHeadAttention, VisionTransformer, vit_b16

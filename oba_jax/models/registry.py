@@ -28,6 +28,24 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
 
 def create(name: str, *, seed: int = 0, **kwargs) -> nnx.Module:
   """`MODELS[name](**kwargs, rngs=nnx.Rngs(seed))`, with a clear error for unknown names."""
+  _check_arguments(name, kwargs)
+  return MODELS[name](**kwargs, rngs=nnx.Rngs(seed))
+
+
+def check(name: str, **kwargs) -> None:
+  """Raises ValueError unless `create(name, **kwargs)` would build a model; builds nothing."""
+  _check_arguments(name, kwargs)
+  try:
+    nnx.eval_shape(lambda: MODELS[name](**kwargs, rngs=nnx.Rngs(0)))
+  except TypeError as error:
+    raise ValueError(f"model {name!r} does not take these arguments {kwargs}: {error}") from None
+
+
+def _check_arguments(name: str, kwargs: dict) -> None:
+  """The name, and sizes given as integers (width, num_classes, ...) positive: a model of
+  width 0 would only fail later, deep in training."""
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; accepted: {sorted(MODELS)}.")
-  return MODELS[name](**kwargs, rngs=nnx.Rngs(seed))
+  for key, value in kwargs.items():
+    if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+      raise ValueError(f"model {name!r}: {key}={value} must be a positive integer.")

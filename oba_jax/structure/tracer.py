@@ -155,6 +155,13 @@ def analyse(fn: Callable, params: Any, state: Any, example_inputs: Sequence[Any]
     for a, b in zip(before, after):  # updated state (e.g. running means) is the same state
       atoms.unify(a, b)
 
+  used = {v for i in live_equations(closed.jaxpr) for v in closed.jaxpr.eqns[i].invars
+          if not isinstance(v, jcore.Literal)}
+  used |= {v for v in closed.jaxpr.outvars if not isinstance(v, jcore.Literal)}
+  for var, shape in zip(closed.jaxpr.invars, leaf_shapes):
+    if var not in used:  # a parameter the outputs never read: pruning it saves nothing
+      for axis in shape:
+        atoms.fix(axis)
   members = _members(atoms, leaves, leaf_shapes)
   shapes = {path: tuple(np.shape(x)) for path, _, x in leaves}
   names = {root: _group_name(ms, shapes) for root, ms in members.items()

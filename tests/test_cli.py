@@ -1,0 +1,89 @@
+"""The command-line plumbing: workdir claims and locks, clear errors, smoke mode said aloud."""
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from oba_jax.experiments import cli
+
+
+def config(**values):
+  return ml_collections.ConfigDict({"seed": 0, "progress": False, **values})
+
+
+def test_a_config_that_produced_nothing_does_not_lock_the_workdir(tmp_path):
+  cli.claim_workdir(str(tmp_path), config(data_dir="/wrong"))  # then the run failed on the data
+  (tmp_path / "dense" / "checkpoints").mkdir(parents=True)  # created, never written
+  cli.claim_workdir(str(tmp_path), config(data_dir="/right"))  # the corrected rerun
+  with open(tmp_path / cli.CONFIG_FILE) as f:
+    assert json.load(f)["data_dir"] == "/right"
+
+
+@pytest.mark.parametrize("work", ["dense/checkpoints/4", "results.json"])
+def test_a_config_that_produced_work_keeps_the_workdir(tmp_path, work):
+  cli.claim_workdir(str(tmp_path), config(seed=0))
+  path = tmp_path / work
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.mkdir() if "checkpoints" in work else path.write_text("{}")
+  with pytest.raises(ValueError, match=r"another configuration \(differs in \['seed'\]\)"):
+    cli.claim_workdir(str(tmp_path), config(seed=1))
+
+
+def test_a_damaged_config_file_is_named(tmp_path):
+  (tmp_path / cli.CONFIG_FILE).write_text('{"seed": 0, "progr')
+  with pytest.raises(ValueError, match=r"config.json \(the workdir's recorded configuration\) is not valid JSON"):
+    cli.claim_workdir(str(tmp_path), config())
+
+
+def test_a_workdir_in_use_by_another_run_is_refused(tmp_path):
+  holder = subprocess.Popen(
+      [sys.executable, "-c",
+       "import sys, time, ml_collections; from oba_jax.experiments import cli; "
+       f"cli.claim_workdir({str(tmp_path)!r}, ml_collections.ConfigDict({{'seed': 0}})); "
+       "print('held', flush=True); time.sleep(60)"],
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(RuntimeError, match=r"is in use by another run \(pid \d+\)"):
+      cli.claim_workdir(str(tmp_path), config())
+  finally:
+    holder.kill()
+    holder.wait()
+  cli.claim_workdir(str(tmp_path), ml_collections.ConfigDict({"seed": 0}))  # free again
+
+
+def test_a_read_only_workdir_is_refused_before_any_work(tmp_path, monkeypatch):
+  monkeypatch.setattr(os, "access", lambda path, mode: False)  # as on a read-only mount
+  with pytest.raises(PermissionError, match="is not writable"):
+    cli.claim_workdir(str(tmp_path), config())
+  assert os.listdir(tmp_path) == []
+
+
+def test_smoke_mode_says_what_it_replaces(capsys):
+  smoked = cli.smoke(config(steps=50, nested={"width": 16}), {"steps": 2, "nested.width": 16})
+  assert (smoked.steps, smoked.nested.width) == (2, 16)
+  assert capsys.readouterr().out.strip() == "smoke mode (a tiny run) sets steps=2 (was 50)"
+
+
+def run_cli(*args):
+  return subprocess.run([sys.executable, "-m", "oba_jax.experiments.quickstart", *args],
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_a_misspelt_key_gives_the_closest_one_in_a_few_lines(tmp_path):
+  out = run_cli(f"--workdir={tmp_path}", "--config.targt=0.3")
+  assert out.returncode == 2
+  assert "unknown setting --config.targt. Did you mean --config.target?" in out.stderr
+  assert len(out.stderr.strip().splitlines()) < 5
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_bad_value_is_one_paragraph_before_any_work(tmp_path):
+  out = run_cli(f"--workdir={tmp_path}", "--config.finetune_learning_rate=-1")
+  assert out.returncode == 2
+  assert out.stderr.strip().endswith("ValueError: finetune: learning_rate=-1.0 must be > 0.")
+  assert "Traceback" not in out.stderr and not os.path.exists(tmp_path / cli.CONFIG_FILE)
