@@ -24,6 +24,7 @@ from oba_jax.functional import classification, functional
 from oba_jax.validate import check_choice, check_count
 
 PyTree = Any
+BATCHNORM_MODES = ("train", "eval")  # batch statistics, running statistics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +119,7 @@ def importance(
     key: jax.Array,
     mesh: Mesh | None = None,
     progress: bool = False,
+    batchnorm: str | None = None,
 ) -> dict:
   """The mean score of `criterion` over `num_batches` batches, per parameter.
 
@@ -142,6 +144,9 @@ def importance(
     key: PRNG key for the random criteria ("random", "obd_*").
     mesh: the device mesh of `scores.accumulate` (default: all devices).
     progress: show a progress bar.
+    batchnorm: "train" (batch statistics, the official pipeline's) or "eval"
+      (running statistics) to score a copy of the model in that mode; None
+      scores it in its current mode.
 
   Returns:
     A nested dict like `oba_jax.functional(model)[1]`, the model's parameters.
@@ -150,6 +155,10 @@ def importance(
   if num_batches is not None:
     check_count(num_batches, "num_batches")
   scorer = CRITERIA[criterion]
+  if batchnorm is not None:
+    check_choice("batchnorm", batchnorm, BATCHNORM_MODES)
+    model = nnx.clone(model)
+    model.train() if batchnorm == "train" else model.eval()
   if scorer.per_example and uses_batch_statistics(model):
     raise ValueError(
         f"criterion {criterion!r} runs the model one example at a time, and this model has "

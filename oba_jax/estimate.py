@@ -28,7 +28,7 @@ from oba_jax.delta import path_str
 
 PyTree = Any
 DATA_AXIS = "data"
-# Programs a host loop may queue before it waits for one (`pace`).
+# Programs a host loop may queue on several CPU devices before it waits for one (`pace`).
 MAX_IN_FLIGHT = 4
 
 
@@ -88,14 +88,21 @@ def pace(count: int, value: PyTree) -> None:
   """Waits for `value` on every `MAX_IN_FLIGHT`-th call (`count` from 1) of a dispatch loop.
 
   A Python loop over jitted steps runs ahead of the devices, queueing programs.
-  With many virtual CPU devices, XLA:CPU aborts the process when about a hundred
-  programs with collectives are queued ("Expected 8 threads to join the
-  rendezvous, but only 4 of them arrived"), so every loop that dispatches such
-  programs bounds how far it runs ahead. `value` must be an output of the
-  latest dispatch that is not donated to the next one (or that step's input).
+  With several CPU devices (`--xla_force_host_platform_device_count`), XLA:CPU
+  aborts the process when about a hundred programs with collectives are queued
+  ("Expected 8 threads to join the rendezvous, but only 4 of them arrived"), so
+  there every loop that dispatches such programs bounds how far it runs ahead.
+  Elsewhere (one device, GPUs, TPUs) it never waits. `value` must be an output of
+  the latest dispatch that is not donated to the next one.
   """
-  if count % MAX_IN_FLIGHT == 0:
+  if count % MAX_IN_FLIGHT == 0 and _cpu_collectives():
     jax.block_until_ready(value)
+
+
+@functools.cache
+def _cpu_collectives() -> bool:
+  """Whether this process runs collectives between several XLA:CPU devices."""
+  return jax.default_backend() == "cpu" and jax.device_count() > 1
 
 
 def accumulate(

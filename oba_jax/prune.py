@@ -45,7 +45,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from oba_jax import flops, masks, plan, structure, surgery
-from oba_jax.criteria import CRITERIA, importance
+from oba_jax.criteria import BATCHNORM_MODES, CRITERIA, importance
 from oba_jax.validate import check_choice, check_count, check_decreasing
 
 PyTree = Any
@@ -78,6 +78,8 @@ class StructuredConfig:
     scope, max_ratio, round_to: as in `plan.select`.
     ignore: parameter path prefixes never pruned, as in `structure.trace`.
     num_batches: batches averaged per step (None: all of `batches`).
+    batchnorm: the BatchNorm mode of scoring, "train" (batch statistics, as the
+      official pipeline scores) or "eval"; None: the model's own mode.
   """
 
   criterion: str
@@ -90,9 +92,10 @@ class StructuredConfig:
   round_to: int | None = None
   ignore: tuple[str, ...] = ()
   num_batches: int | None = 200
+  batchnorm: str | None = None
 
   def __post_init__(self):
-    check_choice("criterion", self.criterion, CRITERIA)
+    _check_scoring(self.criterion, self.batchnorm)
     object.__setattr__(self, "targets", plan.structured_targets(self.targets))
     check_count(self.steps, "steps")
     check_choice("schedule", self.schedule, SCHEDULES)
@@ -118,6 +121,7 @@ class UnstructuredConfig:
     steps_per_density: steps from one density to the next.
     scope: a name in `DENSITY_SCOPES`.
     num_batches: batches averaged per step (None: all of `batches`).
+    batchnorm: the BatchNorm mode of scoring, as in `StructuredConfig`.
   """
 
   criterion: str
@@ -125,9 +129,10 @@ class UnstructuredConfig:
   steps_per_density: int = 1
   scope: str = "global"
   num_batches: int | None = 200
+  batchnorm: str | None = None
 
   def __post_init__(self):
-    check_choice("criterion", self.criterion, CRITERIA)
+    _check_scoring(self.criterion, self.batchnorm)
     check_decreasing(self.densities, "densities")
     object.__setattr__(self, "densities", tuple(self.densities))
     check_count(self.steps_per_density, "steps_per_density")
@@ -334,7 +339,8 @@ def unstructured(
     for step_density in [above * r for r in ratios[:-1]] + [density]:
       start = time.perf_counter()
       score = importance(config.criterion, masked, batches, num_batches=config.num_batches,
-                         key=jax.random.fold_in(key, step), mesh=mesh, progress=progress)
+                         key=jax.random.fold_in(key, step), mesh=mesh, progress=progress,
+                         batchnorm=config.batchnorm)
       mask = jax.block_until_ready(keep_largest(_below_kept(score, mask), step_density))
       masked = masks.apply(model, mask)
       history.append(DensityStep(step, step_density, time.perf_counter() - start))
@@ -378,7 +384,8 @@ def _structured(
     for ratio in [r for r in ratios if target.ratio < r < above] + [target.ratio]:
       start = time.perf_counter()
       score = importance(config.criterion, masked, batches, num_batches=config.num_batches,
-                         key=jax.random.fold_in(key, step), mesh=mesh, progress=progress)
+                         key=jax.random.fold_in(key, step), mesh=mesh, progress=progress,
+                         batchnorm=config.batchnorm)
       chosen = plan.select(
           traced,
           structure.group_scores(traced, score, reduction=config.reduction),
@@ -422,6 +429,15 @@ def _below_kept(score: PyTree, mask: PyTree | None) -> PyTree:
 def _check_config(config, kind: type) -> None:
   if not isinstance(config, kind):
     raise TypeError(f"config must be a prune.{kind.__name__}, got {type(config).__name__}.")
+
+
+def _check_scoring(criterion: str, batchnorm: str | None) -> None:
+  check_choice("criterion", criterion, CRITERIA)
+  if batchnorm is not None:
+    check_choice("batchnorm", batchnorm, BATCHNORM_MODES)
+  if batchnorm == "train" and CRITERIA[criterion].per_example:
+    raise ValueError(f"criterion {criterion!r} runs the model one example at a time, which "
+                     "batch-statistics BatchNorm cannot do: use batchnorm='eval' with it.")
 
 
 def _check_num_batches(num_batches) -> None:

@@ -78,6 +78,20 @@ def test_vgg19_one_shot(tmp_path):
   assert os.path.isfile(tmp_path / pipeline.PLOT_FILE)
 
 
+def test_a_paper_cli_scores_as_the_official_pipeline_by_default(tmp_path):
+  """OBA's own quantity, batch-statistics BatchNorm, the paper's reduction; recorded."""
+  results = run(vgg19_cifar, tmp_path, targets=(0.5,))
+  check_consistent(results, ["oba_bilinear", "magnitude", "taylor"], [0.5])
+  with open(tmp_path / pipeline.RESULTS_FILE) as f:
+    recorded = json.load(f)["importance"]
+  assert recorded == {"criteria": ["oba_bilinear", "magnitude", "taylor"], "batchnorm": "train",
+                      "batches_per_step": 2, "batch_size": 8, "augment": True,
+                      "reduction": "paper", "steps": 2}
+  config = vgg19_cifar.get_config()
+  assert (config.prune.importance_batches, config.prune.importance_batch_size,
+          config.prune.steps) == (200, 64, 50)  # smoke mode shrank them to 2, 8 and 2
+
+
 def test_unstructured_sweep_from_an_orbax_checkpoint(tmp_path, resnet32_run):
   dense_dir = str(resnet32_run[0] / "dense")
   results = run(unstructured, tmp_path, model="resnet32_cifar", dataset="cifar100",

@@ -369,3 +369,19 @@ def test_configs_are_frozen_and_normalised():
   assert config.ignore == ("classifier",)
   with pytest.raises(AttributeError):
     config.steps = 3
+
+
+def test_scoring_batchnorm_mode_is_a_setting():
+  model = TinyNet(nnx.Rngs(0))
+  model.eval()
+  in_train_mode = criteria.importance("oba", model, BATCHES, num_batches=1, key=KEY,
+                                      batchnorm="train")
+  trained = nnx.clone(model)
+  trained.train()
+  assert_trees_equal(in_train_mode,
+                     criteria.importance("oba", trained, BATCHES, num_batches=1, key=KEY))
+  assert not criteria.uses_batch_statistics(model)  # scored a copy
+  with pytest.raises(ValueError, match=r"batchnorm='running' is not supported; accepted: \["):
+    prune.StructuredConfig(criterion="oba", targets=0.5, batchnorm="running")
+  with pytest.raises(ValueError, match=r"'obd_fisher' runs the model one example at a time"):
+    prune.UnstructuredConfig(criterion="obd_fisher", batchnorm="train")

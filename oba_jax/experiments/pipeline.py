@@ -58,7 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.dense = _training(epochs=200, learning_rate=0.1, weight_decay=5e-4,
                       milestones=(60 / 200, 100 / 200, 150 / 200))
   c.mode = "one_shot"  # one of MODES
-  c.criteria = "oba,magnitude,taylor"  # names in oba_jax.criteria.CRITERIA
+  # The official OBA score is "oba_bilinear" (method notes §1.2); the baselines are §4.9's.
+  c.criteria = "oba_bilinear,magnitude,taylor"  # names in oba_jax.criteria.CRITERIA
   c.targets = (0.14,)  # kept FLOPs (structured) or density (unstructured), each in (0, 1]
   c.prune = ml_collections.ConfigDict()
   c.prune.steps = 50  # S (§4.3)
@@ -66,6 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.prune.importance_batches = 200  # batches of importance per step (§4.3)
   c.prune.importance_batch_size = 64
   c.prune.augment = True  # training augmentation on the importance batches (§4.3)
+  # Importance is collected with BatchNorm in training mode (batch statistics), as the
+  # official WrappedPruner does (§2.2, §4.8); "eval" scores the inference-mode function.
+  c.prune.batchnorm = "train"
+  c.prune.reduction = "paper"  # per-layer signed sums, |mean|, mean over layers, /max (§1.4)
   c.prune.max_ratio = 0.95  # at most 95% of a group removed (§4.1)
   c.prune.round_to = ml_collections.FieldReference(None, field_type=int)
   c.prune.ignore = ()  # parameter path prefixes never pruned, e.g. ("conv_proj",)
@@ -89,7 +94,7 @@ def imagenet_config() -> ml_collections.ConfigDict:
   c.test_split = "validation"
   c.dense.epochs = 0  # no pre-training: the dense model is init.weights (torchvision)
   c.targets = (0.51,)  # --ops_ratios default, kept FLOPs
-  c.criteria = "oba"
+  c.criteria = "oba_bilinear"
   c.prune.importance_batches = 350  # 350 batches of 2 per step
   c.prune.importance_batch_size = 2
   # 100 epochs, lr 1e-3, wd 1e-4, x0.1 at epochs 30/60/80, 64 images per GPU.
@@ -198,13 +203,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   results = {"config": config.to_dict(), "mode": config.mode, "dense": dense_row,
              "pruned": rows, "targets": list(config.targets),
-             "wall_seconds": time.perf_counter() - start}
+             "importance": importance_settings(config), "wall_seconds": time.perf_counter() - start}
   cli.write_json(os.path.join(workdir, RESULTS_FILE), results)
   if len(config.targets) > 1:
     plot(results, os.path.join(workdir, PLOT_FILE))
   print(table(results))
   print(f"\nwrote {os.path.join(workdir, RESULTS_FILE)}")
   return results
+
+
+def importance_settings(config: ml_collections.ConfigDict) -> dict:
+  """How importance was collected: what `results.json` records next to the results."""
+  p = config.prune
+  return {"criteria": cli.names(config.criteria), "batchnorm": p.batchnorm,
+          "batches_per_step": p.importance_batches, "batch_size": p.importance_batch_size,
+          "augment": p.augment, "reduction": p.reduction if config.mode != "unstructured" else None,
+          "steps": p.steps if config.mode != "unstructured" else p.steps_per_density}
 
 
 def _check_run(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> None:
@@ -255,11 +269,12 @@ def prune_configs(config: ml_collections.ConfigDict, criterion: str) -> list:
   if config.mode == "unstructured":
     return [prune.UnstructuredConfig(
         criterion=criterion, densities=tuple(config.targets),
-        steps_per_density=p.steps_per_density, num_batches=p.importance_batches)]
+        steps_per_density=p.steps_per_density, num_batches=p.importance_batches,
+        batchnorm=p.batchnorm)]
   structured = lambda targets: prune.StructuredConfig(
       criterion=criterion, targets=targets, steps=p.steps, schedule=p.schedule,
-      max_ratio=p.max_ratio, round_to=p.round_to, ignore=tuple(p.ignore),
-      num_batches=p.importance_batches)
+      reduction=p.reduction, max_ratio=p.max_ratio, round_to=p.round_to,
+      ignore=tuple(p.ignore), num_batches=p.importance_batches, batchnorm=p.batchnorm)
   if config.mode == "iterative":
     return [structured(tuple(config.targets))]
   return [structured(target) for target in config.targets]
