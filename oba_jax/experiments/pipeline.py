@@ -51,7 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.init = ml_collections.ConfigDict()
   c.init.weights = ml_collections.FieldReference(None, field_type=str)  # .pth / .safetensors
-  c.init.format = "torchvision"  # or "timm" (ViT)
+  # The state dict's layout; None: the model's own ("official" for the CIFAR models, the
+  # paper code's; "torchvision" for ResNet-50 and ViT, or "timm" for a ViT).
+  c.init.format = ml_collections.FieldReference(None, field_type=str)
   c.init.checkpoint = ml_collections.FieldReference(None, field_type=str)  # a finetune workdir
   # Dense pre-training when no init is given: SGD lr 0.1, wd 5e-4, 200 epochs, x0.1 at
   # epochs 60/100/150, batch 64 (§4.2). epochs=0 means: a model must come from `init`.
@@ -124,10 +126,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   choices = (("model", config.model, models.MODELS), ("mode", config.mode, MODES),
              ("dataset", config.dataset, data.DATASETS),
              ("prune.schedule", config.prune.schedule, prune.SCHEDULES),
-             ("init.format", config.init.format, ("torchvision", "timm")))
+             ("init.format", config.init.format, (None, "official", "torchvision", "timm")))
   for name, value, accepted in choices:
     if value not in accepted:
-      raise ValueError(f"{name}={value!r} is not supported; accepted: {sorted(accepted)}.")
+      raise ValueError(f"{name}={value!r} is not supported; accepted: {sorted(accepted, key=str)}.")
   names = cli.check_names("criteria", config.criteria, criteria.CRITERIA)
   kind = "density" if config.mode == "unstructured" else "kept-FLOPs ratio"
   targets = tuple(config.targets)

@@ -1,8 +1,12 @@
-"""Weights from PyTorch: torchvision and timm state dicts into oba_jax's ResNet and ViT, and back.
+"""Weights from PyTorch: torchvision and timm state dicts into oba_jax's ResNet and ViT, the
+paper's official CIFAR VGG and ResNet state dicts into `VGG` and `ResNetCIFAR`, and back.
 
-  load(model, state_dict_or_path, format="torchvision")  checks every key and shape, then writes
-  export(model, format="torchvision")                     -> {torch key: numpy array}
-  read_state_dict(path)                                   .safetensors, or .pth given torch
+  load(model, state_dict_or_path, format=None)  checks every key and shape, then writes
+  export(model, format=None)                     -> {torch key: numpy array}
+  read_state_dict(path)                          .safetensors, or .pth given torch
+
+Formats: "torchvision" (ResNet, ViT; their default), "timm" (ViT), "official" (VGG and
+ResNetCIFAR, the layout of the paper's code; their default).
 
 Modules: `io` reads files, `convert` translates given a key-renaming table, `formats` holds the
 tables. Nothing here imports torch unless a `.pth` file is read.

@@ -12,13 +12,17 @@ import numpy as np
 import safetensors.numpy
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+# Checkpoints that hold a state dict under one of these keys, next to other entries: e.g.
+# EigenDamage's `{'net': net.module.state_dict(), 'acc': best_acc}`.
+WRAPPER_KEYS = ("state_dict", "net")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """The tensors of a `.safetensors` file or of a PyTorch `.pth`/`.pt`/`.bin` state dict.
 
   Pickles are loaded with `weights_only=True` (tensors only, no code runs); their floats come back
-  as float32, since numpy has no bfloat16.
+  as float32, since numpy has no bfloat16. A pickle holding a checkpoint dict with the state dict
+  under a key of `WRAPPER_KEYS` ("state_dict", "net") gives that state dict.
   """
   path = pathlib.Path(path)
   if path.suffix == ".safetensors":
@@ -38,9 +42,14 @@ def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
   state_dict = torch.load(path, map_location="cpu", weights_only=True)
   if not isinstance(state_dict, Mapping):
     raise ValueError(f"{str(path)!r} holds a {type(state_dict).__name__}, not a state dict.")
+  wrapper = next((key for key in WRAPPER_KEYS if isinstance(state_dict.get(key), Mapping)), None)
+  if wrapper is not None:
+    state_dict = state_dict[wrapper]
   for key, value in state_dict.items():
     if not isinstance(value, torch.Tensor):
-      raise ValueError(f"{str(path)!r} is not a state dict of tensors: {key!r} holds a "
-                       f"{type(value).__name__} (a training checkpoint? pass its state dict).")
+      where = f"{str(path)!r}" + (f"[{wrapper!r}]" if wrapper else "")
+      raise ValueError(f"{where} is not a state dict of tensors: {key!r} holds a "
+                       f"{type(value).__name__} (a training checkpoint? pass its state dict, or "
+                       f"save it under one of the keys {list(WRAPPER_KEYS)}).")
   return {key: (value.float() if value.is_floating_point() else value).numpy()
           for key, value in state_dict.items()}
