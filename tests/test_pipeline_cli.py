@@ -108,6 +108,19 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, resnet32_run):
     run(unstructured, tmp_path, model="resnet32_cifar", **{"init.checkpoint": dense_dir})
 
 
+def test_vgg19_from_the_paper_codes_state_dict(tmp_path):
+  """A dense model in the official code's layout (format "official", the CIFAR default)."""
+  config = clis.smoke_config(vgg19_cifar, criteria="magnitude")
+  model = models.create("vgg19_cifar", seed=7, in_channels=3, num_classes=10,
+                        **config.smoke_model_kwargs.to_dict())
+  path = str(tmp_path / "vgg19.safetensors")
+  safetensors.numpy.save_file(weights.export(model, "official"), path)
+  results = run(vgg19_cifar, tmp_path / "run", criteria="magnitude", targets=(0.5,),
+                **{"init.weights": path})
+  check_consistent(results, ["magnitude"], [0.5])
+  assert not os.path.exists(tmp_path / "run" / "dense")  # loaded, not trained
+
+
 @pytest.mark.slow
 def test_resnet50_from_torchvision_weights(tmp_path):
   config = clis.smoke_config(resnet50_imagenet, criteria="magnitude")

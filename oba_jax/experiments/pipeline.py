@@ -129,7 +129,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
              ("init.format", config.init.format, (None, "official", "torchvision", "timm")))
   for name, value, accepted in choices:
     if value not in accepted:
-      raise ValueError(f"{name}={value!r} is not supported; accepted: {sorted(accepted, key=str)}.")
+      raise ValueError(
+          f"{name}={value!r} is not supported; accepted: {sorted(accepted, key=str)}.")
   names = cli.check_names("criteria", config.criteria, criteria.CRITERIA)
   kind = "density" if config.mode == "unstructured" else "kept-FLOPs ratio"
   targets = tuple(config.targets)
