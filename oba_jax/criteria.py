@@ -164,19 +164,40 @@ def importance(
         f"criterion {criterion!r} runs the model one example at a time, and this model has "
         "BatchNorm in training mode (batch statistics), which would normalise each example by "
         "itself. Call model.eval() before scoring with it.")
-  apply_fn, params = functional(model)
-  objective = classification(apply_fn)
   if not scorer.uses_data:
-    return scorer.score(objective, params, None, key)
+    apply_fn, params = functional(model)
+    return scorer.score(classification(apply_fn), params, None, key)
+  graphdef, params, state = nnx.split(model, nnx.Param, ...)
   return scores.accumulate(
-      functools.partial(scorer.score, objective),
-      params,
+      ModelScore(criterion, graphdef),
+      nnx.to_pure_dict(params),
       batches,
       key=key,
       num_batches=num_batches,
       mesh=mesh,
       progress=progress,
+      constants=nnx.to_pure_dict(state),
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelScore:
+  """`criterion`'s score of an NNX classifier of structure `graphdef`, as `accumulate` calls it.
+
+  Hashable, with the model's other state (BatchNorm statistics) an argument
+  rather than a captured value, so that one compiled step serves every model of
+  these shapes: each step of a pruning schedule, masked or not, compiles nothing.
+  """
+
+  criterion: str
+  graphdef: nnx.GraphDef
+
+  def __call__(self, params: PyTree, batch: PyTree, key: jax.Array | None = None, *,
+               constants: PyTree) -> PyTree:
+    def apply_fn(p, x):
+      return nnx.merge(self.graphdef, nnx.State(p), nnx.State(constants), copy=True)(x)
+
+    return CRITERIA[self.criterion].score(classification(apply_fn), params, batch, key)
 
 
 def uses_batch_statistics(model: nnx.Module) -> bool:

@@ -114,6 +114,7 @@ def accumulate(
     num_batches: int | None = None,
     mesh: Mesh | None = None,
     progress: bool = False,
+    constants: PyTree | None = None,
 ) -> PyTree:
   """The mean of `score_fn(params, batch)` over `batches`.
 
@@ -127,23 +128,31 @@ def accumulate(
     num_batches: stop after this many batches (for endless iterators).
     mesh: the device mesh; default all devices along one 'data' axis.
     progress: show a progress bar with rate and ETA.
+    constants: arrays the score needs besides `params` (e.g. a model's BatchNorm
+      statistics), passed as `score_fn(params, batch, constants=...)` and
+      replicated over the mesh.
 
   Returns:
     The mean score over the batches, sharded like `params`.
+
+  Compiles once: the jitted step is kept for a hashable `score_fn` (a frozen
+  dataclass, a module-level function; not a fresh `functools.partial` or
+  lambda), so every later call with the same function, shapes and shardings,
+  e.g. each step of a pruning schedule and each criterion of a comparison,
+  reuses it. Pass what changes from call to call through `params` and
+  `constants`, never as values captured by `score_fn`.
   """
   if num_batches is not None and num_batches < 1:
     raise ValueError(f"num_batches must be >= 1 or None, got {num_batches}.")
   mesh = data_mesh() if mesh is None else mesh
   param_shardings = jax.tree.map(lambda x: _param_sharding(x, mesh), params)
   params = jax.device_put(params, param_shardings)
-  call = (lambda p, b, k: score_fn(p, b)) if key is None else (
-      lambda p, b, k: score_fn(p, b, key=k))
-
-  @functools.partial(jax.jit, donate_argnums=0)
-  def step(total, p, b, k):
-    s = call(p, b, k)
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(s)]))
-    return jax.tree.map(jnp.add, total, s), finite
+  constants = None if constants is None else replicate(constants, mesh)
+  signature = (score_fn, key is not None, constants is not None)
+  try:
+    step = _cached_step(*signature)
+  except TypeError:  # an unhashable score_fn: a step of its own
+    step = _make_step(*signature)
 
   batches = itertools.islice(batches, num_batches)
   if progress:
@@ -154,10 +163,10 @@ def accumulate(
     batch = shard_batch(batch, mesh)
     batch_key = None if key is None else jax.random.fold_in(key, count - 1)
     if total is None:
-      total = _zeros_like(jax.eval_shape(call, params, batch, batch_key), params,
-                          param_shardings, mesh)
+      shapes = jax.eval_shape(_call(*signature), params, batch, batch_key, constants)
+      total = _zeros_like(shapes, params, param_shardings, mesh)
     with jax.set_mesh(mesh):  # per-example work maps over each device's own examples
-      total, finite = step(total, params, batch, batch_key)
+      total, finite = step(total, params, batch, batch_key, constants)
     flags.append(finite)
     pace(count, finite)
   if total is None:
@@ -171,17 +180,45 @@ def accumulate(
   return _divided(total, count)  # one program, not one per leaf (see `pace`)
 
 
+def _call(score_fn: Callable[..., PyTree], with_key: bool, with_constants: bool) -> Callable:
+  """`call(params, batch, key, constants)`: `score_fn` with the keywords it takes."""
+
+  def call(p, b, k, c):
+    keywords = {**({"key": k} if with_key else {}), **({"constants": c} if with_constants else {})}
+    return score_fn(p, b, **keywords)
+
+  return call
+
+
+def _make_step(score_fn: Callable[..., PyTree], with_key: bool, with_constants: bool) -> Callable:
+  """The jitted `step(total, params, batch, key, constants) -> (total + score, finite)`."""
+  call = _call(score_fn, with_key, with_constants)
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def score_step(total, p, b, k, c):
+    s = call(p, b, k, c)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(s)]))
+    return jax.tree.map(jnp.add, total, s), finite
+
+  return score_step
+
+
+# Steps of hashable score functions, kept for reuse (a few: they hold their compiled code).
+_cached_step = functools.lru_cache(maxsize=16)(_make_step)
+
+
 @jax.jit
 def _divided(tree: PyTree, count) -> PyTree:
   return jax.tree.map(lambda t: t / count, tree)
 
 
 def _zeros_like(shapes: PyTree, params: PyTree, param_shardings: PyTree, mesh: Mesh) -> PyTree:
-  """Zeros for the running sum: sharded like params when scores mirror params."""
+  """Zeros for the running sum, sharded like params when scores mirror params (no compile)."""
   if jax.tree.structure(shapes) == jax.tree.structure(params):
     shardings = param_shardings
   else:
-    shardings = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(
-      lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), out_shardings=shardings
-  )()
+    shardings = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), shapes)
+  return jax.tree.map(
+      lambda s, sharding: jax.make_array_from_callback(
+          s.shape, sharding, lambda index: np.zeros(s.shape, s.dtype)[index]),
+      shapes, shardings)

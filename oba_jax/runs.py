@@ -201,18 +201,24 @@ def _differences(saved: Any, current: Any, path: str = "") -> Iterator[str]:
     yield f"{path} is {saved!r} in the checkpoint, {current!r} now"
 
 
+def latest_step(workdir: str | os.PathLike) -> int | None:
+  """The step of the latest checkpoint in `workdir`, or None if it holds none."""
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    return None
+  with ocp.CheckpointManager(directory) as manager:
+    return manager.latest_step()
+
+
 def read_extra_state(workdir: str | os.PathLike) -> dict | None:
   """The `extra_state` saved with the latest checkpoint in `workdir`, or None if there is none.
 
   E.g. the pruning plan and widths needed to rebuild a compacted model before resuming.
   """
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
+  step = latest_step(workdir)
+  if step is None:
     return None
-  with ocp.CheckpointManager(directory) as manager:
-    step = manager.latest_step()
-    if step is None:
-      return None
+  with ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)) as manager:
     try:
       meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
       return meta["run"]["extra_state"]
@@ -227,14 +233,10 @@ def read_state(workdir: str | os.PathLike) -> tuple[int, dict] | None:
   "opt_state", "sums") of arrays on this process's first device, whatever
   number of devices wrote it.
   """
-  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
-    return None
-  with ocp.CheckpointManager(directory) as manager:
-    step = manager.latest_step()
+  step = latest_step(workdir)
   if step is None:
     return None
-  path = os.path.join(directory, str(step), "state")
+  path = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR, str(step), "state")
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   try:
     with ocp.StandardCheckpointer() as checkpointer:

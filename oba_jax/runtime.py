@@ -1,5 +1,6 @@
-"""Process-level JAX settings shared by the command-line tools and benchmarks."""
+"""Process-level JAX settings shared by the command-line tools and benchmarks, and a compile counter."""
 
+import collections
 import os
 
 import jax
@@ -14,3 +15,42 @@ def enable_compilation_cache(path: str | None = None) -> str:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   return path
+
+
+class Compilations:
+  """Counts XLA compilations per jitted function, and their seconds, while active.
+
+    with runtime.Compilations() as compiled:
+      ...
+    compiled.counts["jit(score_step)"], compiled.seconds
+
+  A compilation is a lowering of a jitted function for new shapes, shardings or
+  a new function object (JAX's in-memory cache missed); with the persistent
+  cache on, XLA's own compile may then still be skipped. From `jax.monitoring`.
+  """
+
+  _LOWERING = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+  _PHASES = ("/jax/core/compile/jaxpr_trace_duration", _LOWERING,
+             "/jax/core/compile/backend_compile_duration")
+
+  def __init__(self):
+    self.counts = collections.Counter()
+    self.seconds = 0.0
+
+  def _listen(self, event: str, duration: float, **kwargs) -> None:
+    if event == self._LOWERING:
+      self.counts[kwargs.get("fun_name", "?")] += 1
+    if event in self._PHASES:
+      self.seconds += duration
+
+  def __enter__(self) -> "Compilations":
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    jax.monitoring.unregister_event_duration_listener(self._listen)
+
+  def summary(self) -> dict:
+    """{"total", "seconds", and the count of each function compiled more than once}."""
+    return {"total": sum(self.counts.values()), "seconds": round(self.seconds, 3),
+            **{name: n for name, n in self.counts.most_common() if n > 1}}

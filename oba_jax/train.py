@@ -227,7 +227,7 @@ def make_train_step(
   (`estimate.shard_batch`); the state is donated and comes back replicated.
   """
 
-  def step(state: TrainState, batch: PyTree) -> TrainState:
+  def train_step(state: TrainState, batch: PyTree) -> TrainState:
     def loss_fn(params):
       model = nnx.merge(graphdef, nnx.State(params), nnx.State(state.model_state), copy=True)
       logits = model(batch["image"])
@@ -246,7 +246,8 @@ def make_train_step(
     sums["first_nonfinite"] = jnp.where((first == 0) & ~finite, sums["steps"], first)
     return TrainState(params, model_state, opt_state, sums)
 
-  return jax.jit(step, out_shardings=NamedSharding(mesh, PartitionSpec()), donate_argnums=0)
+  return jax.jit(train_step, out_shardings=NamedSharding(mesh, PartitionSpec()),
+                 donate_argnums=0)
 
 
 def finetune(

@@ -26,17 +26,7 @@ from jax.flatten_util import ravel_pytree
 import oba_jax
 from oba_jax import bilinear, curvature, scores
 from oba_jax.delta import path_str, removal_delta
-
-
-@pytest.fixture(autouse=True)
-def x64():
-  with jax.enable_x64(True):
-    yield
-
-
-def rel_err(a, b):
-  a, b = ravel_pytree(a)[0], ravel_pytree(b)[0]
-  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+from numerics import rel_err, x64  # noqa: F401  (x64: float64 for every test)
 
 
 def plain(b, u, v):

@@ -385,3 +385,15 @@ def test_scoring_batchnorm_mode_is_a_setting():
     prune.StructuredConfig(criterion="oba", targets=0.5, batchnorm="running")
   with pytest.raises(ValueError, match=r"'obd_fisher' runs the model one example at a time"):
     prune.UnstructuredConfig(criterion="obd_fisher", batchnorm="train")
+
+
+def test_one_shot_compiles_its_score_step_once():
+  """Five pruning steps, masked models of the same shapes: one compilation of the score step."""
+  from oba_jax import runtime
+  model = ResNetCIFAR(8, width=3, in_channels=1, rngs=nnx.Rngs(0))  # shapes no other test uses
+  model.eval()
+  config = prune.StructuredConfig(criterion="oba", targets=0.5, steps=5, num_batches=1)
+  with runtime.Compilations() as compiled:
+    result = prune.one_shot(model, X, BATCHES, config, key=KEY)
+  assert len(result.history) == 5
+  assert compiled.counts["jit(score_step)"] == 1

@@ -14,17 +14,7 @@ import oba_jax
 from oba_jax import curvature, scores
 from oba_jax.delta import removal_delta
 from oba_jax.models import ResNetCIFAR
-
-
-@pytest.fixture(autouse=True)
-def x64():
-  with jax.enable_x64(True):
-    yield
-
-
-def rel_err(a, b):
-  a, b = ravel_pytree(a)[0], ravel_pytree(b)[0]
-  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+from numerics import rel_err, x64  # noqa: F401  (x64: float64 for every test)
 
 
 # --- tiny problems ------------------------------------------------------------

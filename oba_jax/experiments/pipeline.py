@@ -28,7 +28,8 @@ import numpy as np
 from flax import nnx
 from matplotlib import figure
 
-from oba_jax import criteria, data, flops, masks, models, prune, runs, surgery, train, weights
+from oba_jax import (criteria, data, flops, masks, models, prune, runs, runtime, surgery, train,
+                     weights)
 from oba_jax.experiments import cli
 from oba_jax.delta import path_str
 from oba_jax.evaluation import evaluate
@@ -155,7 +156,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs the experiment of `config` in `workdir`; returns (and writes) its results."""
+  """Runs the experiment of `config` in `workdir`; returns (and writes) its results.
+
+  `results.json` also records the XLA compilations of the run (`runtime.Compilations`).
+  """
+  with runtime.Compilations() as compiled:
+    results = _run(config, workdir)
+  results["compilations"] = compiled.summary()
+  cli.write_json(os.path.join(workdir, RESULTS_FILE), results)
+  return results
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = time.perf_counter()
   check_config(config)
   info = data.dataset_info(config.dataset, config.train_split, data_dir=config.data_dir)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from oba_jax import criteria, data, masks, models, prune, surgery, train
+from oba_jax import criteria, data, masks, models, prune, runtime, surgery, train
 from oba_jax.evaluation import evaluate
 from oba_jax.experiments import cli, pipeline
 from oba_jax.functional import functional
@@ -78,6 +78,15 @@ def _recipes(config: ml_collections.ConfigDict) -> dict[str, train.TrainConfig]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs the quickstart in `workdir`; returns (and writes) its results, compilations included."""
+  with runtime.Compilations() as compiled:
+    results = _run(config, workdir)
+  results["compilations"] = compiled.summary()
+  cli.write_json(os.path.join(workdir, "results.json"), results)
+  return results
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   names = cli.check_names("criteria", config.criteria, criteria.CRITERIA)
   if not 0 < config.target <= 1:
     raise ValueError(f"target={config.target} must be a kept-FLOPs ratio in (0, 1].")

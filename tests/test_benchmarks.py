@@ -1,0 +1,21 @@
+"""The accelerator benchmark's command runs end to end at tiny size (its figures are not checked)."""
+
+import json
+import os
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_gpu_runs_at_tiny_size(tmp_path):
+  out = tmp_path / "bench_gpu.json"
+  done = subprocess.run(["bash", os.path.join(ROOT, "experiments", "bench_gpu.sh"), "--tiny",
+                         "--reps", "1", "--out", str(out)], capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  record = json.loads(out.read_text())
+  assert sorted(record["scores"]) == ["resnet50_b128", "resnet50_b64", "vit_b16_b64"]
+  for case in record["scores"].values():
+    assert sorted(case["rows"]) == ["bilinear", "ggn", "grad", "hessian", "residual"]
+    assert all(row["median_s"] > 0 and row["peak_bytes"] > 0 for row in case["rows"].values())
+  assert record["latency"]["kept_macs"] <= 0.5 and record["skipped"] == []
