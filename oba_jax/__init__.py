@@ -18,19 +18,22 @@ Modules, one concept each:
   oracle      removal studies: true loss change of single removals against every criterion
   train       fine-tuning: TrainConfig, finetune (resumable, masks kept)
   evaluation  accuracy and loss over every example, on any mesh: evaluate
+  batchnorm   running statistics re-estimated after pruning: recalibrate
   runs        a run's workdir: identity, orbax checkpoints, metrics history, resumption
   models      the paper's networks in Flax NNX
   weights     torchvision/timm state dicts into and out of the ImageNet models
 """
 
-from oba_jax import (criteria, curvature, delta, estimate, evaluation, flops, masks, models,
-                     oracle, plan, prune, runs, scores, structure, surgery, train, weights)
+from oba_jax import (batchnorm, criteria, curvature, delta, estimate, evaluation, flops, masks,
+                     models, oracle, plan, prune, runs, scores, structure, surgery, train,
+                     weights)
 from oba_jax.functional import Objective, classification, functional, softmax_cross_entropy
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Objective",
+    "batchnorm",
     "classification",
     "criteria",
     "curvature",
