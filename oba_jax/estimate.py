@@ -16,6 +16,7 @@ every process); the global batch is assembled with
 
 import functools
 import itertools
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -114,6 +115,7 @@ def accumulate(
     num_batches: int | None = None,
     mesh: Mesh | None = None,
     progress: bool = False,
+    strict: bool = False,
 ) -> PyTree:
   """The mean of `score_fn(params, batch)` over `batches`.
 
@@ -127,6 +129,8 @@ def accumulate(
     num_batches: stop after this many batches (for endless iterators).
     mesh: the device mesh; default all devices along one 'data' axis.
     progress: show a progress bar with rate and ETA.
+    strict: when `batches` ends before `num_batches`, raise a ValueError instead
+      of warning (the mean is then over the batches there were).
 
   Returns:
     The mean score over the batches, sharded like `params`.
@@ -162,6 +166,12 @@ def accumulate(
     pace(count, finite)
   if total is None:
     raise ValueError("accumulate got no batches: the iterable was empty.")
+  if num_batches is not None and count < num_batches:
+    message = (f"accumulate: the batches ran out after {count} of num_batches={num_batches}; "
+               f"the scores are the mean over {count}.")
+    if strict:
+      raise ValueError(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
   bad = [i for i, ok in enumerate(jax.device_get(flags)) if not ok]
   if bad:
     raise FloatingPointError(

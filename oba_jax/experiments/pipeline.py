@@ -380,7 +380,7 @@ def structured_steps(schedule: str, steps: int, targets) -> int:
   return count
 
 
-def _say_step(record, *_) -> None:
+def say_step(record, *_) -> None:
   cli.say(f"  step {record.step + 1}: kept FLOPs {record.kept_macs:.3f}, params "
           f"{record.kept_params:.3f} ({record.seconds:.1f} s)")
 
@@ -388,7 +388,7 @@ def _say_step(record, *_) -> None:
 def _structured(config, criterion, dense, example, batches, test, finetune):
   """Yields (row, fine-tuned masked model, its compaction, mask) per target."""
   p = config.prune
-  runtime = dict(key=jax.random.key(config.seed), callback=_say_step)
+  runtime = dict(key=jax.random.key(config.seed), callback=say_step)
   pruned = {}  # target -> accuracy right after pruning, and seconds of fine-tuning
 
   def tune(masked, plan, target):
