@@ -10,7 +10,8 @@ state = batches.get_state()  # a checkpointable dict; resume with batches.set_st
 """
 
 from oba_jax.data.datasets import DATASETS
-from oba_jax.data.pipeline import DatasetInfo, dataset_info, load, open_source
+from oba_jax.data.pipeline import DatasetInfo, dataset_info, load, open_source, resolve_format
 from oba_jax.data.sources import FORMATS
 
-__all__ = ["DATASETS", "FORMATS", "DatasetInfo", "dataset_info", "load", "open_source"]
+__all__ = ["DATASETS", "FORMATS", "DatasetInfo", "dataset_info", "load", "open_source",
+           "resolve_format"]

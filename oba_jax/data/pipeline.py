@@ -146,6 +146,11 @@ def _check_arguments(*, batch_size, train, seed, num_epochs, shard_index, shard_
     raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count}).")
 
 
+def resolve_format(name: str, data_dir, data_format: str = "auto") -> str:
+  """`data_format`, or for "auto" the format of what `data_dir` holds (`sources.detect`)."""
+  return sources.detect(name, data_dir) if data_format == "auto" else data_format
+
+
 def open_source(name, split, data_dir=None, manual_dir=None, data_format="auto"):
   """The random-access examples of `split` in `data_format` (see `sources`).
 
@@ -157,8 +162,7 @@ def open_source(name, split, data_dir=None, manual_dir=None, data_format="auto")
   for argument, path in (("data_dir", data_dir), ("manual_dir", manual_dir)):
     if path is not None and not os.path.isdir(path):
       raise FileNotFoundError(f"{argument} {os.fspath(path)!r} is not a directory.")
-  if data_format == "auto":
-    data_format = sources.detect(name, data_dir)
+  data_format = resolve_format(name, data_dir, data_format)
   if data_format == "synthetic":
     return sources.synthetic_source(split, image_shape=spec.image_shape,
                                     num_classes=spec.num_classes)

@@ -120,8 +120,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   recipes = _recipes(config)
   stream = lambda seed, **kw: data.load(config.dataset, "train", train=True, seed=seed,
                                         **where, **kw)
-  cli.say(f"data: {config.dataset} ({where['data_format']}), {info.num_examples} training "
-          f"examples of shape {info.image_shape}")
+  cli.say(f"data: {config.dataset} ({data.resolve_format(config.dataset, **where)}), "
+          f"{info.num_examples} training examples of shape {info.image_shape}")
   test = list(data.load(config.dataset, config.test_split, batch_size=1000, train=False,
                         **where))
 
