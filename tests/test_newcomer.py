@@ -4,10 +4,14 @@ output says what runs; scores.accumulate says when the batches run out.
 
 The smoke runs are subprocesses, as a user starts them, with no TFDS data and no
 Fashion-MNIST files. They share the persistent compilation cache of the test session (a
-first run on an empty cache takes longer: README, "Set up", has the measured times).
+first run on an empty cache takes longer: README, "Set up", has the measured times). The
+limit is on the CPU seconds the run uses (user + system): on a shared machine the wall
+time depends on the others' load (4x at a load of 8 on 2 cores), while a run that needs
+under a minute of CPU finishes in under a minute on a quiet 2-core machine.
 """
 
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -32,21 +36,28 @@ def no_data(tmp_path_factory):
               JAX_PLATFORMS="cpu")
 
 
-def run_cli(name, *args, env=None, timeout=300):
-  start = time.perf_counter()
+def cpu_seconds() -> float:
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
+
+
+def run_cli(name, *args, env=None, timeout=600):
+  """The finished process, and its wall and CPU seconds."""
+  start, cpu = time.perf_counter(), cpu_seconds()
   out = subprocess.run([sys.executable, "-m", f"oba_jax.experiments.{name}", *args],
                        capture_output=True, text=True, timeout=timeout, env=env)
-  return out, time.perf_counter() - start
+  return out, (time.perf_counter() - start, cpu_seconds() - cpu)
 
 
 @pytest.mark.parametrize("name", CLIS)
 def test_smoke_runs_without_data_in_under_a_minute(name, no_data, tmp_path):
-  out, seconds = run_cli(name, f"--workdir={tmp_path}", "--config.smoke=True",
-                         "--config.progress=False", env=no_data)
+  out, (wall, cpu) = run_cli(name, f"--workdir={tmp_path}", "--config.smoke=True",
+                             "--config.progress=False", env=no_data)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "data_format='synthetic'" in out.stdout  # said aloud by smoke mode
   assert os.path.isfile(tmp_path / "results.json")
-  assert seconds < SMOKE_LIMIT_S, f"{name} smoke run took {seconds:.0f} s"
+  assert cpu < SMOKE_LIMIT_S, f"{name} smoke run took {cpu:.0f} CPU s ({wall:.0f} s wall)"
+  print(f"{name}: {cpu:.0f} CPU s, {wall:.0f} s wall")
   if name == "quickstart":  # a line per stage
     for line in ("dense training of resnet8_cifar (width 4): 10 steps", "scoring oba, step 2/2",
                  "fine-tuning magnitude: 5 steps", "evaluating taylor"):
