@@ -16,6 +16,7 @@ every process); the global batch is assembled with
 
 import functools
 import itertools
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -115,6 +116,7 @@ def accumulate(
     mesh: Mesh | None = None,
     progress: bool = False,
     constants: PyTree | None = None,
+    strict: bool = False,
 ) -> PyTree:
   """The mean of `score_fn(params, batch)` over `batches`.
 
@@ -131,6 +133,8 @@ def accumulate(
     constants: arrays the score needs besides `params` (e.g. a model's BatchNorm
       statistics), passed as `score_fn(params, batch, constants=...)` and
       replicated over the mesh.
+    strict: when `batches` ends before `num_batches`, raise a ValueError instead
+      of warning (the mean is then over the batches there were).
 
   Returns:
     The mean score over the batches, sharded like `params`.
@@ -171,6 +175,12 @@ def accumulate(
     pace(count, finite)
   if total is None:
     raise ValueError("accumulate got no batches: the iterable was empty.")
+  if num_batches is not None and count < num_batches:
+    message = (f"accumulate: the batches ran out after {count} of num_batches={num_batches}; "
+               f"the scores are the mean over {count}.")
+    if strict:
+      raise ValueError(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
   bad = [i for i, ok in enumerate(jax.device_get(flags)) if not ok]
   if bad:
     raise FloatingPointError(

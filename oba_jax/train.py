@@ -261,6 +261,7 @@ def finetune(
     mesh: Mesh | None = None,
     extra_state: dict | None = None,
     progress: bool = True,
+    desc: str = "finetune",
 ) -> tuple[nnx.Module, list[dict]]:
   """Fine-tunes `model` with softmax cross-entropy, resuming from `workdir` if it holds a run.
 
@@ -297,6 +298,7 @@ def finetune(
     extra_state: a JSON-able dict saved with every checkpoint (e.g. the pruning
       plan and widths that rebuild the model); see `read_extra_state`.
     progress: show a progress bar with rate and ETA (on process 0).
+    desc: the progress bar's label, e.g. the stage and criterion.
 
   Returns:
     The fine-tuned model in inference mode, and all records of the run.
@@ -345,6 +347,7 @@ def finetune(
         mesh=mesh,
         progress=progress,
         workdir=rundir.workdir,
+        desc=desc,
     )
     rundir.wait_until_finished()
   trained = nnx.merge(eval_graphdef, nnx.State(state.params), nnx.State(state.model_state))
@@ -364,6 +367,7 @@ def _train(
     mesh: Mesh,
     progress: bool,
     workdir: str,
+    desc: str = "finetune",
 ) -> TrainState:
   """The loop from step `start` to the end: steps, records, evaluations and checkpoints.
 
@@ -376,7 +380,7 @@ def _train(
       total=total,
       initial=start,
       unit="step",
-      desc="finetune",
+      desc=desc,
       disable=not progress or jax.process_index() != 0,
   ) as bar:
     for step in range(start + 1, total + 1):

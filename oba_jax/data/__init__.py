@@ -1,4 +1,5 @@
-"""Input pipelines: TFDS array_record datasets read, augmented and batched by grain.
+"""Input pipelines: TFDS datasets, CIFAR pickle folders, image-class folders or generated
+data (`sources`), read, augmented and batched by grain.
 
 from oba_jax import data
 
@@ -9,6 +10,8 @@ state = batches.get_state()  # a checkpointable dict; resume with batches.set_st
 """
 
 from oba_jax.data.datasets import DATASETS
-from oba_jax.data.pipeline import DatasetInfo, dataset_info, load
+from oba_jax.data.pipeline import DatasetInfo, dataset_info, load, open_source, resolve_format
+from oba_jax.data.sources import FORMATS
 
-__all__ = ["DATASETS", "DatasetInfo", "dataset_info", "load"]
+__all__ = ["DATASETS", "FORMATS", "DatasetInfo", "dataset_info", "load", "open_source",
+           "resolve_format"]

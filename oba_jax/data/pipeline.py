@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from oba_jax.data import datasets
+from oba_jax.data import sources
 from oba_jax.data import transforms
 
 # Threads that prepare whole batches ahead of the training loop. A small buffer
@@ -38,11 +39,12 @@ def dataset_info(
     *,
     data_dir: datasets.PathLike | None = None,
     manual_dir: datasets.PathLike | None = None,
+    data_format: str = "auto",
 ) -> DatasetInfo:
   """Describes split `split` of dataset `name`, preparing it first if needed, as
   `load` does (see `load` for the arguments)."""
   spec = datasets.get_spec(name)
-  source = _open_source(spec, split, data_dir, manual_dir)
+  source = open_source(name, split, data_dir, manual_dir, data_format)
   return DatasetInfo(len(source), spec.num_classes, spec.image_shape)
 
 
@@ -55,6 +57,7 @@ def load(
     seed: int = 0,
     data_dir: datasets.PathLike | None = None,
     manual_dir: datasets.PathLike | None = None,
+    data_format: str = "auto",
     augment: bool | None = None,
     num_epochs: int | None = None,
     shard_index: int | None = None,
@@ -84,9 +87,12 @@ def load(
     batch_size: examples per batch on this host.
     train: whether to shuffle, repeat and drop the remainder.
     seed: seed of the shuffle and of the augmentation.
-    data_dir: TFDS data directory (default: TFDS's, `~/tensorflow_datasets`).
+    data_dir: TFDS data directory (default: TFDS's, `~/tensorflow_datasets`), or a
+      folder of CIFAR pickle files or of ImageNet class folders (see `sources`).
     manual_dir: where the source files are if the dataset must be prepared
       (ImageNet tar files; Fashion-MNIST IDX files, see `fashion_mnist.find_idx_dir`).
+    data_format: one of `sources.FORMATS`: "tfds", "pickle", "folder",
+      "synthetic" (generated, no files), or "auto" (detected from `data_dir`).
     augment: whether to augment the images (default: the dataset's default when
       training, no when evaluating).
     num_epochs: epochs to read when training; None repeats forever.
@@ -104,7 +110,7 @@ def load(
       shard_index=shard_index,
       shard_count=shard_count,
   )
-  source = _open_source(spec, split, data_dir, manual_dir)
+  source = open_source(name, split, data_dir, manual_dir, data_format)
 
   ds = grain.MapDataset.source(source).seed(seed)
   if train:
@@ -140,12 +146,40 @@ def _check_arguments(*, batch_size, train, seed, num_epochs, shard_index, shard_
     raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count}).")
 
 
-def _open_source(spec, split, data_dir, manual_dir):
-  """Checks that the given directories exist before opening the source."""
+def resolve_format(name: str, data_dir, data_format: str = "auto") -> str:
+  """`data_format`, or for "auto" the format of what `data_dir` holds (`sources.detect`)."""
+  return sources.detect(name, data_dir) if data_format == "auto" else data_format
+
+
+def open_source(name, split, data_dir=None, manual_dir=None, data_format="auto"):
+  """The random-access examples of `split` in `data_format` (see `sources`).
+
+  Checks that the given directories exist before opening the source.
+  """
+  spec = datasets.get_spec(name)
+  if data_format not in sources.FORMATS:
+    raise ValueError(f"data_format={data_format!r} is not one of {list(sources.FORMATS)}.")
   for argument, path in (("data_dir", data_dir), ("manual_dir", manual_dir)):
     if path is not None and not os.path.isdir(path):
       raise FileNotFoundError(f"{argument} {os.fspath(path)!r} is not a directory.")
-  return spec.source(split, data_dir, manual_dir)
+  data_format = resolve_format(name, data_dir, data_format)
+  if data_format == "synthetic":
+    return sources.synthetic_source(split, image_shape=spec.image_shape,
+                                    num_classes=spec.num_classes)
+  if data_format in ("pickle", "folder") and data_dir is None:
+    raise ValueError(f"data_format={data_format!r} reads data_dir, which is not given; "
+                     f"data_dir may hold: {sources.layouts(name)}.")
+  if data_format == "pickle":
+    return sources.pickle_source(name, split, data_dir)
+  if data_format == "folder":
+    return sources.folder_source(split, data_dir)
+  try:
+    return spec.source(split, data_dir, manual_dir)
+  except FileNotFoundError as error:
+    if manual_dir is not None or name == "fashion_mnist":
+      raise
+    raise FileNotFoundError(f"{error} Without tensorflow, data_dir may hold: "
+                            f"{sources.layouts(name)}.") from None
 
 
 def _map_image(example: dict, *rng: np.random.Generator, steps) -> dict:

@@ -5,6 +5,10 @@ and `run(config, workdir)`, and ends with `cli.main(get_config, run)`:
 
   python -m oba_jax.experiments.<name> --workdir=/tmp/run --config.seed=1 --config.smoke=True
 
+`--help` lists `--workdir` and every `--config.*` key with its default and the
+one-line description the module gives in its `HELP` dict (`usage`). Smoke runs
+given no data run on generated data (`data_format`).
+
 A work directory belongs to one configuration: `claim_workdir` records it and
 refuses, before any work and without touching a file, a directory that holds a
 run of another configuration. Results are written atomically.
@@ -23,12 +27,31 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from oba_jax import data
+
 from oba_jax.runtime import enable_compilation_cache
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 # Keys that do not change what a run computes, so a rerun may change them.
-RUNTIME_KEYS = frozenset({"progress", "log_every"})
+RUNTIME_KEYS = frozenset({"progress", "log_every", "timing_seconds"})
+HELP_FLAGS = ("--help", "-h", "--helpshort", "-?")
+WORKDIR_HELP = ("where checkpoints, metrics and results go (required); a rerun with the same "
+                "config resumes there")
+# Descriptions of the data keys every CLI has.
+DATA_HELP = {
+    "data_dir": "where the data is: a TFDS data dir, CIFAR's cifar-10-batches-py/ or "
+                "cifar-100-python/ (or a folder holding it), or ImageNet's train/ and val/ "
+                "class folders; None: TFDS's default (smoke mode: generated data)",
+    "data_format": f"how data_dir is read: one of {'|'.join(data.FORMATS)}; auto detects it "
+                   "from what data_dir holds",
+    "smoke": "a tiny run (tiny model, a few steps; generated data unless data_dir is given) "
+             "that checks everything works in under a minute",
+    "progress": "show progress bars",
+    "seed": "seed of initialisation, data order and scoring",
+    "timing_seconds": "measure inference for at least this long (median of >= 10 jitted "
+                      "forward passes after a warm-up)",
+}
 
 
 def names(text: str) -> list[str]:
@@ -152,6 +175,88 @@ def smoke(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_co
   return config
 
 
+def data_format(config: ml_collections.ConfigDict) -> str:
+  """The format a run reads: "synthetic" for a smoke run given no data_dir, else its own."""
+  if config.get("smoke") and config.data_dir is None and config.data_format == "auto":
+    return "synthetic"
+  return config.data_format
+
+
+def check_data_format(config: ml_collections.ConfigDict) -> None:
+  if config.data_format not in data.FORMATS:
+    raise ValueError(f"data_format={config.data_format!r} is not one of {list(data.FORMATS)}.")
+
+
+def open_data(read: Callable[[], Any]) -> Any:
+  """`read()`, with a missing-data error saying which settings to give."""
+  try:
+    return read()
+  except FileNotFoundError as error:
+    raise FileNotFoundError(
+        f"{error} Give --config.data_dir=DIR (--config.data_format={'|'.join(data.FORMATS)}), "
+        "or --config.smoke=True to try the run on generated data.") from None
+
+
+def say(text: str) -> None:
+  """Prints one line saying what the run does now (between progress bars)."""
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  tqdm.write(text)
+
+
+def latest_step(directory: str) -> int:
+  """The latest checkpoint step of a `train.finetune` run in `directory` (0: none)."""
+  checkpoints = os.path.join(directory, "checkpoints")
+  if not os.path.isdir(checkpoints):
+    return 0
+  return max((int(d) for d in os.listdir(checkpoints) if d.isdigit()), default=0)
+
+
+def say_training(stage: str, directory: str, total: int) -> None:
+  """"<stage>: N steps", or where a resumed run restarts, or that it finished earlier."""
+  step = latest_step(directory)
+  if step >= total:
+    say(f"{stage}: finished earlier (step {step}), restored from step {step}")
+  elif step:
+    say(f"{stage}: restored from step {step}, {total - step} of {total} steps to go")
+  else:
+    say(f"{stage}: {total} steps")
+
+
+def usage(get_config: Callable[[], ml_collections.ConfigDict], help: dict[str, str],
+          doc: str | None = None) -> str:
+  """The --help text: what the job does, --workdir, and every --config key with its default."""
+  program = sys.modules.get(get_config.__module__)
+  name = getattr(program, "__spec__", None)
+  name = name.name if name else os.path.basename(sys.argv[0])
+  doc = doc if doc is not None else (program.__doc__ or "") if program else ""
+  lines = [f"usage: python -m {name} --workdir=DIR [--config.KEY=VALUE ...]", ""]
+  lines += [doc.strip().split("\n\n")[0], ""] if doc.strip() else []
+  lines += [f"  --workdir: {WORKDIR_HELP}", "", "settings (--config.KEY=VALUE; default shown):"]
+  for key, value in _flat_items(get_config().to_dict()):
+    default = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+    lines.append(f"  --config.{key}={default}")
+    lines.append(f"      {describe(key, help)}")
+  lines += ["", "Lists are comma-separated: --config.targets=0.5,0.3. A value of None is "
+            "unset.", "Set OBA_JAX_TRACEBACK=1 to see tracebacks of errors."]
+  return "\n".join(lines)
+
+
+def describe(key: str, help: dict[str, str]) -> str:
+  """The description of dotted `key`: its own, else "*.<last part>"'s, else its parent's."""
+  help = {**DATA_HELP, **help}
+  parts = key.split(".")
+  candidates = [key, "*." + parts[-1]] + [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+  return next((help[c] for c in candidates if c in help), "(no description)")
+
+
+def _flat_items(tree: dict, prefix: str = ""):
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      yield from _flat_items(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
 def _comparable(tree: dict, prefix: str = "") -> dict:
   """Flat {dotted key: JSON value} without the runtime-only keys."""
   flat = {}
@@ -166,8 +271,11 @@ def _comparable(tree: dict, prefix: str = "") -> dict:
 
 
 def main(get_config: Callable[[], ml_collections.ConfigDict],
-         run: Callable[[ml_collections.ConfigDict, str], Any]) -> None:
+         run: Callable[[ml_collections.ConfigDict, str], Any],
+         help: dict[str, str] | None = None) -> None:
   """Parses --config.* and --workdir, then calls `run(config, workdir)`.
+
+  `--help` prints `usage` (with `help`, {dotted key: one line}) and exits.
 
   Mistakes end in one clear paragraph, not a traceback: an unknown --config key
   (with the closest valid one), a value of the wrong type, and the ValueError,
@@ -175,6 +283,9 @@ def main(get_config: Callable[[], ml_collections.ConfigDict],
   `run` raises for bad settings, missing data or a diverged run. Set
   OBA_JAX_TRACEBACK=1 to see the traceback as well.
   """
+  if any(arg in HELP_FLAGS for arg in sys.argv[1:]):
+    print(usage(get_config, help or {}))
+    sys.exit(0)
   _check_config_keys(sys.argv[1:], get_config())
   config_flags.DEFINE_config_dict("config", get_config())
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")

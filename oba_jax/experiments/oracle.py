@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.dataset = "fashion_mnist"
   c.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.data_format = "auto"  # one of oba_jax.data.FORMATS
   c.held_out_split = "test"
   c.models = "vgg11_cifar,resnet20_cifar"  # names in oba_jax.models.MODELS
   c.width = 16  # every model's first-stage width
@@ -58,9 +59,36 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
+# One line per --config key, for --help.
+HELP = {
+    "dataset": "a name in oba_jax.data.DATASETS (fashion_mnist: Debian's dataset-fashion-mnist)",
+    "held_out_split": "split whose loss change is measured (its first batches)",
+    "models": "models to study: comma-separated names in oba_jax.models.MODELS",
+    "width": "every model's first-stage width",
+    "bn_modes": "BatchNorm modes to study in: eval (running statistics), train (batch)",
+    "criteria": "comma-separated names in oba_jax.criteria.CRITERIA",
+    "dense.steps": "steps of dense training (SGD, cosine schedule)",
+    "dense.batch_size": "examples per dense training step",
+    "dense.learning_rate": "initial learning rate of dense training",
+    "dense.weight_decay": "L2 weight decay of dense training",
+    "batch_size": "held-out batch size; training-mode BatchNorm normalises over it",
+    "held_out_batches": "held-out batches the loss change is measured on",
+    "max_removals": "channels removed one at a time per model (a seeded sample)",
+    "top_fraction": "fraction of the largest true changes the top-k overlap looks at",
+}
+
+
+# What smoke mode studies when models, bn_modes or criteria are left at their defaults
+# (all of them take about 6 minutes on 2 cores; this, under one).
+SMOKE_SUBSET = {"models": "vgg11_cifar", "bn_modes": "eval", "criteria": "magnitude,taylor,oba"}
+
+
 def _smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  defaults = get_config()
+  subset = {k: v for k, v in SMOKE_SUBSET.items() if config[k] == defaults[k]}
   return cli.smoke(config, {"width": 4, "batch_size": 16, "held_out_batches": 2,
-                            "max_removals": 12, "dense.steps": 20, "dense.batch_size": 32})
+                            "max_removals": 8, "dense.steps": 10, "dense.batch_size": 32,
+                            "data_format": cli.data_format(config), **subset})
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -76,6 +104,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for key in ("max_removals", "held_out_batches", "batch_size", "width"):
     if not isinstance(config[key], int) or config[key] < 1:
       raise ValueError(f"{key}={config[key]!r} must be a positive integer.")
+  cli.check_data_format(config)
   if config.data_dir is not None and not os.path.isdir(config.data_dir):
     raise FileNotFoundError(f"data_dir {config.data_dir!r} is not a directory.")
   try:
@@ -96,7 +125,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or reuses) each model, runs the study in each BatchNorm mode, writes results."""
   start = time.perf_counter()
   check_config(config)
-  info = data.dataset_info(config.dataset, "train", data_dir=config.data_dir)
+  where = dict(data_dir=config.data_dir, data_format=cli.data_format(config))
+  info = cli.open_data(lambda: data.dataset_info(config.dataset, "train", **where))
   for name in cli.names(config.models):
     models.check(name, width=config.width, in_channels=info.image_shape[-1],
                  num_classes=info.num_classes)
@@ -105,13 +135,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config = _smoke(config)
   count = config.held_out_batches * config.batch_size
   held_out = list(data.load(config.dataset, f"{config.held_out_split}[:{count}]",
-                            batch_size=config.batch_size, train=False,
-                            data_dir=config.data_dir))
+                            batch_size=config.batch_size, train=False, **where))
   example = jnp.asarray(held_out[0]["image"][:1])
   criterion_names = cli.names(config.criteria)
   studies = []
   for model_name in cli.names(config.models):
-    dense = _dense(model_name, config, info, workdir)
+    dense = _dense(model_name, config, info, workdir, where)
     accuracy = evaluate(dense, held_out)["accuracy"]
     traced = structure.trace(dense, example)
     groups = traced.groups
@@ -119,6 +148,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for bn_mode in cli.names(config.bn_modes):
       path = os.path.join(workdir, model_name, f"{bn_mode}.json")
       if os.path.exists(path):
+        cli.say(f"{model_name}, BatchNorm {bn_mode}: restored the finished study from {path}")
         study = Study.from_json(cli.read_json(path, what=f"the saved {bn_mode} study"))
       else:
         model = nnx.clone(dense)
@@ -129,6 +159,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         usable = [c for c in criterion_names
                   if not (criteria.CRITERIA[c].per_example
                           and criteria.uses_batch_statistics(model))]
+        cli.say(f"removal study of {model_name}, BatchNorm {bn_mode}: {len(removals)} single "
+                f"removals against {len(usable)} criteria")
         study = removal_study(model, traced, held_out, criteria=usable, removals=removals,
                               key=jax.random.key(config.seed), progress=config.progress)
         cli.write_json(path, study.to_json())
@@ -146,15 +178,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-def _dense(model_name: str, config, info, workdir: str) -> nnx.Module:
+def _dense(model_name: str, config, info, workdir: str, where: dict) -> nnx.Module:
   """The model trained for `config.dense` steps in `workdir/<model>/dense` (resumed or reused)."""
   model = models.create(model_name, seed=config.seed, width=config.width,
                         in_channels=info.image_shape[-1], num_classes=info.num_classes)
   stream = data.load(config.dataset, "train", batch_size=config.dense.batch_size, train=True,
-                     seed=config.seed, data_dir=config.data_dir)
-  dense, _ = train.finetune(model, stream, _recipe(config), workdir=os.path.join(workdir, model_name,
-                                                                        "dense"),
-                            progress=config.progress)
+                     seed=config.seed, **where)
+  directory = os.path.join(workdir, model_name, "dense")
+  cli.say_training(f"dense training of {model_name}", directory, config.dense.steps)
+  dense, _ = train.finetune(model, stream, _recipe(config), workdir=directory,
+                            progress=config.progress, desc=f"dense training {model_name}")
   return dense
 
 
@@ -203,4 +236,4 @@ def plot(study: Study, title: str, path: str) -> None:
 
 
 if __name__ == "__main__":
-  cli.main(get_config, run)
+  cli.main(get_config, run, HELP)

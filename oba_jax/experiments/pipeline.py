@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.dataset = "cifar10"
   c.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.data_format = "auto"  # one of oba_jax.data.FORMATS; auto: detected from data_dir
   c.train_split = "train"
   c.test_split = "test"
   c.model = "vgg19_cifar"  # a name in oba_jax.models.MODELS
@@ -84,10 +85,51 @@ def base_config() -> ml_collections.ConfigDict:
   c.finetune.enabled = True
   c.eval_batch_size = 500
   c.timing_batch = 64  # the batch of the measured inference time
+  c.timing_seconds = 1.0  # measure inference at least this long (median of >= 10 passes)
   c.progress = True
   c.smoke = False  # a tiny run for tests: `smoke_model_kwargs`, a few steps and examples
   c.smoke_model_kwargs = ml_collections.ConfigDict()
   return c
+
+
+# One line per --config key, for --help (`cli.usage`); "*.name" describes every key "name".
+HELP = {
+    "dataset": "a name in oba_jax.data.DATASETS: cifar10, cifar100, imagenet2012, fashion_mnist",
+    "train_split": "split to train and score on (TFDS slice syntax, e.g. train[:90%])",
+    "test_split": "split to evaluate on (e.g. test, validation, test[:1000])",
+    "model": "a name in oba_jax.models.MODELS",
+    "model_kwargs": "more oba_jax.models.create arguments, e.g. width",
+    "init.weights": "a .pth/.safetensors state dict to start from instead of dense training",
+    "init.format": "layout of init.weights: official|torchvision|timm; None: the model's own",
+    "init.checkpoint": "a train.finetune workdir (e.g. another run's dense/) to start from",
+    "dense": "dense pre-training when no init is given (SGD, momentum 0.9, multistep)",
+    "finetune": "fine-tuning after pruning (SGD, momentum 0.9, multistep)",
+    "*.epochs": "training epochs (0 for dense: the model must come from init)",
+    "*.steps": "training steps; overrides epochs when set",
+    "*.batch_size": "examples per training step",
+    "*.learning_rate": "initial SGD learning rate",
+    "*.weight_decay": "L2 weight decay",
+    "*.milestones": "fractions of the run where the learning rate drops x0.1",
+    "finetune.enabled": "fine-tune after pruning (False: evaluate right after pruning)",
+    "mode": "one_shot (each target from the dense model) | iterative | unstructured",
+    "criteria": "comma-separated names in oba_jax.criteria.CRITERIA, e.g. oba_bilinear,taylor",
+    "targets": "kept FLOPs (structured) or densities (unstructured), each in (0, 1]",
+    "prune.steps": "S: pruning steps to the last target, re-scoring before each",
+    "prune.schedule": "a name in oba_jax.prune.SCHEDULES: exponential | linear",
+    "prune.importance_batches": "batches of importance collected per pruning step",
+    "prune.importance_batch_size": "examples per importance batch",
+    "prune.augment": "training augmentation on the importance batches",
+    "prune.batchnorm": "BatchNorm mode while scoring: train (batch statistics, the paper's) "
+                       "| eval",
+    "prune.reduction": "group reduction: paper (normalised, the official) | sum",
+    "prune.max_ratio": "at most this fraction of any group is removed",
+    "prune.round_to": "keep widths a multiple of this; None: any width",
+    "prune.ignore": "parameter path prefixes never pruned, e.g. conv_proj",
+    "prune.steps_per_density": "unstructured steps from one density to the next",
+    "eval_batch_size": "examples per evaluation batch",
+    "timing_batch": "batch size of the measured inference time",
+    "smoke_model_kwargs": "model_kwargs that smoke mode sets (the tiny model)",
+}
 
 
 def imagenet_config() -> ml_collections.ConfigDict:
@@ -114,9 +156,17 @@ def _training(*, epochs, learning_rate, weight_decay, milestones) -> ml_collecti
 
 
 def _smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A few steps on a few examples with the CLI's tiny model."""
-  return cli.smoke(config, {
+  """A few steps on a few examples with the CLI's tiny model; criteria left at the CIFAR
+  default are cut to its first two, more than two targets to the first and the last (a
+  smoke run then fits in a minute on 2 cores)."""
+  subset = {"prune.steps_per_density": 1}
+  if config.criteria == base_config().criteria:
+    subset["criteria"] = ",".join(cli.names(config.criteria)[:2])
+  if len(config.targets) > 2:  # the first and the last
+    subset["targets"] = (config.targets[0], config.targets[-1])
+  return cli.smoke(config, {**subset,
       **{f"model_kwargs.{k}": v for k, v in config.smoke_model_kwargs.to_dict().items()},
+      "data_format": cli.data_format(config), "timing_seconds": 0.05,
       "test_split": f"{config.test_split}[:32]", "eval_batch_size": 16, "timing_batch": 4,
       "dense.steps": 4, "dense.batch_size": 8, "finetune.steps": 3, "finetune.batch_size": 8,
       "prune.steps": 2, "prune.importance_batches": 2, "prune.importance_batch_size": 8})
@@ -143,6 +193,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                      f"{config.mode!r}.")
   for name in names:  # every pruning setting, checked by building the configs
     prune_configs(config, name)
+  cli.check_data_format(config)
   for name, path in (("data_dir", config.data_dir), ("init.checkpoint", config.init.checkpoint)):
     if path is not None and not os.path.isdir(path):
       raise FileNotFoundError(f"{name} {path!r} is not a directory.")
@@ -170,24 +221,30 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = time.perf_counter()
   check_config(config)
-  info = data.dataset_info(config.dataset, config.train_split, data_dir=config.data_dir)
+  where = dict(data_dir=config.data_dir, data_format=cli.data_format(config))
+  info = cli.open_data(lambda: data.dataset_info(config.dataset, config.train_split, **where))
   _check_run(config, info)
   cli.claim_workdir(workdir, config)
   if config.smoke:
     config = _smoke(config)
   stream = lambda seed, batch_size, **kw: data.load(
       config.dataset, config.train_split, batch_size=batch_size, train=True, seed=seed,
-      data_dir=config.data_dir, **kw)
+      **where, **kw)
   test = lambda: data.load(config.dataset, config.test_split, batch_size=config.eval_batch_size,
-                           train=False, data_dir=config.data_dir)
-  first = next(test())["image"]
+                           train=False, **where)
+  cli.say(f"data: {config.dataset} ({data.resolve_format(config.dataset, **where)}"
+          f"{', ' + config.data_dir if config.data_dir else ''}), {info.num_examples} training "
+          f"examples of shape {info.image_shape}")
+  first = cli.open_data(lambda: next(test())["image"])
   example, timing_input = jnp.asarray(first[:1]), jnp.asarray(first[:config.timing_batch])
 
   model = models.create(config.model, seed=config.seed, in_channels=info.image_shape[-1],
                         num_classes=info.num_classes, **config.model_kwargs.to_dict())
   dense_start = time.perf_counter()
   dense = _dense(model, config, workdir, stream, info.num_examples)
-  dense_row = {"criterion": "dense", **measure(dense, dense, test, example, timing_input),
+  cli.say("evaluating the dense model")
+  dense_row = {"criterion": "dense", **measure(dense, dense, test, example, timing_input,
+                                               config.timing_seconds),
                "wall_seconds": time.perf_counter() - dense_start}
 
   def finetune(masked, mask, directory, extra_state=None) -> tuple[nnx.Module, float]:
@@ -195,11 +252,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if not config.finetune.enabled:
       return masked, 0.0
     tuned_start = time.perf_counter()
+    recipe = _train_config(config.finetune, info.num_examples, config.seed)
+    stage = f"fine-tuning {directory.replace(os.sep, ' at ')}"
+    cli.say_training(stage, os.path.join(workdir, directory), recipe.total_steps)
     tuned, _ = train.finetune(
-        masked, stream(config.seed + 2, config.finetune.batch_size),
-        _train_config(config.finetune, info.num_examples, config.seed),
+        masked, stream(config.seed + 2, config.finetune.batch_size), recipe,
         workdir=os.path.join(workdir, directory), mask=mask, extra_state=extra_state,
-        progress=config.progress)
+        progress=config.progress, desc=f"finetune {directory.replace(os.sep, ' ')}")
     return tuned, time.perf_counter() - tuned_start
 
   prune_one = _unstructured if config.mode == "unstructured" else _structured
@@ -209,7 +268,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      augment=config.prune.augment)
     for row, tuned, compacted, mask in prune_one(config, criterion, dense, example, batches,
                                                   test, finetune):
-      row.update(measure(tuned, compacted, test, example, timing_input),
+      cli.say(f"evaluating {criterion} at {row['target']}")
+      row.update(measure(tuned, compacted, test, example, timing_input, config.timing_seconds),
                  max_abs_pruned_weight=max_abs_pruned(functional(tuned)[1], mask))
       row.update(kept_macs=row["macs"] / dense_row["macs"],
                  kept_params=row["params"] / dense_row["params"],
@@ -223,6 +283,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if len(config.targets) > 1:
     plot(results, os.path.join(workdir, PLOT_FILE))
   print(table(results))
+  print(TIMING_NOTE.format(batch=config.timing_batch, seconds=config.timing_seconds))
   print(f"\nwrote {os.path.join(workdir, RESULTS_FILE)}")
   return results
 
@@ -242,7 +303,7 @@ def _check_run(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> Non
                **config.model_kwargs.to_dict())
   trains_dense = config.init.weights is None and config.init.checkpoint is None
   for name, needed in (("dense", trains_dense), ("finetune", config.finetune.enabled)):
-    if needed:
+    if needed and not config.smoke:  # smoke mode sets the length of both
       try:
         _train_config(config[name], info.num_examples, config.seed)
       except ValueError as error:
@@ -252,15 +313,19 @@ def _check_run(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> Non
 def _dense(model, config, workdir, stream, num_examples) -> nnx.Module:
   """The dense model: loaded from `config.init`, or trained in `workdir/dense`."""
   if config.init.weights is not None:
+    cli.say(f"dense model: {config.model} from init.weights {config.init.weights}")
     weights.load(model, config.init.weights, format=config.init.format)
     model.eval()
     return model
   if config.init.checkpoint is not None:
+    cli.say(f"dense model: {config.model} from init.checkpoint {config.init.checkpoint}")
     return restore(model, config.init.checkpoint)
+  recipe = _train_config(config.dense, num_examples, config.seed)
+  cli.say_training(f"dense training of {config.model}", os.path.join(workdir, "dense"),
+                   recipe.total_steps)
   dense, _ = train.finetune(
-      model, stream(config.seed, config.dense.batch_size),
-      _train_config(config.dense, num_examples, config.seed),
-      workdir=os.path.join(workdir, "dense"), progress=config.progress)
+      model, stream(config.seed, config.dense.batch_size), recipe,
+      workdir=os.path.join(workdir, "dense"), progress=config.progress, desc="dense training")
   return dense
 
 
@@ -295,9 +360,54 @@ def prune_configs(config: ml_collections.ConfigDict, criterion: str) -> list:
   return [structured(target) for target in config.targets]
 
 
+def scoring(batches, criterion: str, num_batches: int, total_steps: int, progress: bool,
+            where: str = ""):
+  """`batches`, saying "scoring <criterion>, step k/<total_steps>" as each step begins.
+
+  With `progress`, each step's batches are counted by a progress bar of that label.
+  """
+  batches = iter(batches)
+  for step in range(1, total_steps + 1):
+    label = f"scoring {criterion}{where}, step {step}/{total_steps}"
+    if not progress:
+      cli.say(label)
+    bar = _bar(num_batches, label, progress)
+    for index in range(num_batches):
+      batch = next(batches, None)
+      if batch is None:
+        bar.close()
+        return
+      bar.update()
+      if index == num_batches - 1:
+        bar.close()
+      yield batch
+  yield from batches  # more than planned: no labels
+
+
+def _bar(total: int, label: str, enabled: bool):
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, desc=label, unit="batch", disable=not enabled)
+
+
+def structured_steps(schedule: str, steps: int, targets) -> int:
+  """How many scoring steps `oba_jax.prune` takes to reach `targets` in turn (for labels)."""
+  ratios = prune.SCHEDULES[schedule](targets[-1], steps)
+  count, above = 0, 1.0
+  for target in targets:
+    count += sum(target < r < above for r in ratios) + 1
+    above = target
+  return count
+
+
+def say_step(record, *_) -> None:
+  cli.say(f"  step {record.step + 1}: kept FLOPs {record.kept_macs:.3f}, params "
+          f"{record.kept_params:.3f} ({record.seconds:.1f} s)")
+
+
 def _structured(config, criterion, dense, example, batches, test, finetune):
   """Yields (row, fine-tuned masked model, its compaction, mask) per target."""
-  runtime = dict(key=jax.random.key(config.seed), progress=config.progress)
+  p = config.prune
+  runtime = dict(key=jax.random.key(config.seed), callback=say_step)
   pruned = {}  # target -> accuracy right after pruning, and seconds of fine-tuning
 
   def tune(masked, plan, target):
@@ -318,13 +428,19 @@ def _structured(config, criterion, dense, example, batches, test, finetune):
       return tuned
 
     (settings,) = prune_configs(config, criterion)
+    cli.say(f"pruning {criterion} iteratively to kept FLOPs {', '.join(map(str, config.targets))}")
+    batches = scoring(batches, criterion, p.importance_batches,
+                      structured_steps(p.schedule, p.steps, config.targets), config.progress)
     results = prune.iterative(dense, example, batches, settings, finetune=tune_next, **runtime)
     for target, result in zip(config.targets, results):
       yield (_structured_row(criterion, target, result, pruned[target]), result.masked,
              result.compacted, masks_by_target[target])
     return
   for target, settings in zip(config.targets, prune_configs(config, criterion)):
-    result = prune.one_shot(dense, example, batches, settings, **runtime)
+    cli.say(f"pruning {criterion} to kept FLOPs {target} in {p.steps} steps")
+    result = prune.one_shot(dense, example, scoring(batches, criterion, p.importance_batches,
+                                                    p.steps, config.progress, f" to {target}"),
+                            settings, **runtime)
     tuned, mask = tune(result.masked, result.plan, target)
     yield (_structured_row(criterion, target, result, pruned[target]), tuned,
            surgery.compact(tuned, result.plan), mask)
@@ -339,8 +455,14 @@ def _unstructured(config, criterion, dense, example, batches, test, finetune):
   """Yields (row, fine-tuned masked model, the same, mask) per density."""
   del example  # masks keep the shapes: nothing to trace
   (settings,) = prune_configs(config, criterion)
+  p = config.prune
+  cli.say(f"pruning {criterion} unstructured to densities {', '.join(map(str, config.targets))}")
+  batches = scoring(batches, criterion, p.importance_batches,
+                    p.steps_per_density * len(config.targets), config.progress)
+  say_density = lambda record, *_: cli.say(
+      f"  step {record.step + 1}: density {record.density:.3f} ({record.seconds:.1f} s)")
   results = prune.unstructured(dense, batches, settings, key=jax.random.key(config.seed),
-                               progress=config.progress)
+                               callback=say_density)
   for result in results:
     row = {"criterion": criterion, "target": result.density,
            "density": 1.0 - masks.sparsity(result.mask).total,
@@ -378,7 +500,8 @@ def _saved_like(by_path: dict, path: str, leaf, directory: str) -> jax.Array:
   return jnp.asarray(saved)
 
 
-def measure(masked_model, compacted, test, example, timing_input) -> dict:
+def measure(masked_model, compacted, test, example, timing_input,
+            timing_seconds: float = 1.0) -> dict:
   """Accuracy of the masked and compacted models, counts and inference time of the compacted.
 
   `test()` returns a fresh iterator over the evaluation batches.
@@ -388,19 +511,37 @@ def measure(masked_model, compacted, test, example, timing_input) -> dict:
   count = flops.count(compacted, example)
   return {"accuracy": masked_eval["accuracy"], "loss": masked_eval["loss"],
           "compacted_accuracy": compacted_eval["accuracy"], "macs": count.macs,
-          "params": count.params, "inference_seconds": inference_seconds(compacted, timing_input)}
+          "params": count.params,
+          **timing(compacted, timing_input, min_seconds=timing_seconds)}
 
 
-def inference_seconds(model: nnx.Module, x: jax.Array, reps: int = 5) -> float:
-  """Median time of a jitted forward pass."""
+# Printed under every table that shows inference times.
+TIMING_NOTE = ("(ms/batch: median of >= 10 jitted forward passes of a batch of {batch}, "
+               "measured for >= {seconds:g} s after a warm-up; 'spread' is their interquartile "
+               "range over the median: on a shared machine, differences within it are noise)")
+
+
+def timing(model: nnx.Module, x: jax.Array, *, min_reps: int = 10,
+           min_seconds: float = 1.0) -> dict:
+  """Inference time: the median of at least `min_reps` jitted forward passes after a warm-up,
+  repeated for at least `min_seconds`; with the repetitions and their relative spread (IQR)."""
   forward = jax.jit(lambda x: model(x))
   jax.block_until_ready(forward(x))
-  times = []
-  for _ in range(reps):
+  times, begin = [], time.perf_counter()
+  while len(times) < min_reps or (time.perf_counter() - begin < min_seconds
+                                  and len(times) < 10_000):
     start = time.perf_counter()
     jax.block_until_ready(forward(x))
     times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  median = float(np.median(times))
+  low, high = np.percentile(times, [25, 75])
+  return {"inference_seconds": median, "inference_reps": len(times),
+          "inference_spread": float((high - low) / median)}
+
+
+def inference_seconds(model: nnx.Module, x: jax.Array, reps: int = 10) -> float:
+  """Median time of `reps` jitted forward passes after a warm-up."""
+  return timing(model, x, min_reps=reps, min_seconds=0.0)["inference_seconds"]
 
 
 def max_abs_pruned(params, mask) -> float:
@@ -427,11 +568,12 @@ def plot(results: dict, path: str) -> None:
 
 def table(results: dict) -> str:
   """The results as a text table, one line per row."""
-  lines = [f"{'criterion':10s} {'target':>6s} {'acc pruned':>10s} {'acc tuned':>9s} "
-           f"{'kept MACs':>9s} {'params':>11s} {'ms/batch':>8s}"]
+  lines = [f"{'criterion':12s} {'target':>6s} {'acc pruned':>10s} {'acc tuned':>9s} "
+           f"{'kept MACs':>9s} {'params':>11s} {'ms/batch':>8s} {'spread':>6s}"]
   for r in [results["dense"], *results["pruned"]]:
     lines.append(
-        f"{r['criterion']:10s} {r.get('target', 1.0):6.3f} "
+        f"{r['criterion']:12s} {r.get('target', 1.0):6.3f} "
         f"{r.get('accuracy_after_pruning', float('nan')):10.4f} {r['accuracy']:9.4f} "
-        f"{r.get('kept_macs', 1.0):9.3f} {r['params']:11,d} {1e3 * r['inference_seconds']:8.2f}")
+        f"{r.get('kept_macs', 1.0):9.3f} {r['params']:11,d} {1e3 * r['inference_seconds']:8.2f} "
+        f"{r.get('inference_spread', float('nan')):6.0%}")
   return "\n".join(lines)

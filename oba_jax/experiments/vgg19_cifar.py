@@ -24,4 +24,4 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 if __name__ == "__main__":
-  cli.main(get_config, pipeline.run)
+  cli.main(get_config, pipeline.run, pipeline.HELP)
