@@ -35,7 +35,7 @@ experiments package.
 import dataclasses
 import time
 import types
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax

@@ -51,6 +51,8 @@ class Compilations:
     jax.monitoring.unregister_event_duration_listener(self._listen)
 
   def summary(self) -> dict:
-    """{"total", "seconds", and the count of each function compiled more than once}."""
-    return {"total": sum(self.counts.values()), "seconds": round(self.seconds, 3),
+    """{"total", "seconds", the score and train steps' counts, any other function's count
+    when it was compiled more than once}."""
+    hot = {name: self.counts[name] for name in ("jit(score_step)", "jit(train_step)")}
+    return {"total": sum(self.counts.values()), "seconds": round(self.seconds, 3), **hot,
             **{name: n for name, n in self.counts.most_common() if n > 1}}

@@ -21,7 +21,7 @@ import ml_collections
 
 from oba_jax import criteria, data, masks, models, prune, runtime, surgery, train
 from oba_jax.evaluation import evaluate
-from oba_jax.experiments import cli, pipeline
+from oba_jax.experiments import cli, report
 from oba_jax.functional import functional
 
 
@@ -145,7 +145,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   timing_input = jnp.asarray(test[0]["image"][:config.timing_batch])
   cli.say("evaluating the dense model")
   dense_row = {"criterion": "dense",
-               **pipeline.measure(dense, dense, lambda: test, example, timing_input,
+               **report.measure(dense, dense, lambda: test, example, timing_input,
                                   config.timing_seconds)}
   rows = [dense_row]
 
@@ -154,10 +154,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                 augment=False)
     cli.say(f"pruning {criterion} to kept FLOPs {config.target} in {config.prune_steps} steps")
     result = prune.one_shot(
-        dense, example, pipeline.scoring(importance_batches, criterion, config.importance_batches,
-                                         config.prune_steps, config.progress),
+        dense, example, report.scoring(importance_batches, criterion, config.importance_batches,
+                                       config.prune_steps, config.progress),
         _prune_config(config, criterion), key=jax.random.key(config.seed),
-        callback=pipeline.say_step)
+        callback=report.say_step)
     pruned_accuracy = evaluate(result.masked, test)["accuracy"]
     mask = masks.from_plan(result.plan.structure, result.plan, functional(result.masked)[1])
     directory = os.path.join(workdir, f"finetune_{criterion}")
@@ -169,9 +169,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     compacted = surgery.compact(tuned, result.plan)
     cli.say(f"evaluating {criterion}")
     row = {"criterion": criterion, "accuracy_after_pruning": pruned_accuracy,
-           **pipeline.measure(tuned, compacted, lambda: test, example, timing_input,
+           **report.measure(tuned, compacted, lambda: test, example, timing_input,
                               config.timing_seconds),
-           "max_abs_pruned_weight": pipeline.max_abs_pruned(functional(tuned)[1], mask)}
+           "max_abs_pruned_weight": report.max_abs_pruned(functional(tuned)[1], mask)}
     row["kept_macs"] = row["macs"] / dense_row["macs"]
     row["kept_params"] = row["params"] / dense_row["params"]
     row["speedup"] = dense_row["inference_seconds"] / row["inference_seconds"]
@@ -181,7 +181,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
              "target_kept_flops": config.target}
   cli.write_json(os.path.join(workdir, "results.json"), results)
   print(_table(rows, config.target))
-  print(pipeline.TIMING_NOTE.format(batch=config.timing_batch, seconds=config.timing_seconds))
+  print(report.TIMING_NOTE.format(batch=config.timing_batch, seconds=config.timing_seconds))
   print(f"\nwrote {os.path.join(workdir, 'results.json')}")
   return results
 

@@ -12,11 +12,11 @@ from the fine-tuned model. mode "one_shot": every target from the dense model (ย
 
 import ml_collections
 
-from oba_jax.experiments import cli, pipeline
+from oba_jax.experiments import cli, paper_config, pipeline
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = pipeline.base_config()
+  c = paper_config.base_config()
   c.dataset = "cifar100"  # iterative_prune.py default (ยง4.4)
   c.model = "resnet32_cifar"
   c.model_kwargs.width = 64  # the paper's (EigenDamage) widths: 64, 128, 256 / 64 ... 512
@@ -29,4 +29,4 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 if __name__ == "__main__":
-  cli.main(get_config, pipeline.run, pipeline.HELP)
+  cli.main(get_config, pipeline.run, paper_config.HELP)

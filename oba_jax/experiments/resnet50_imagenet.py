@@ -11,15 +11,15 @@ steps of 350 batches of 2, then fine-tunes 100 epochs.
 
 import ml_collections
 
-from oba_jax.experiments import cli, pipeline
+from oba_jax.experiments import cli, paper_config, pipeline
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = pipeline.imagenet_config()
+  c = paper_config.imagenet_config()
   c.model = "resnet50"
   c.smoke_model_kwargs = ml_collections.ConfigDict(dict(layers=(1, 1, 1, 1), width=8))
   return c
 
 
 if __name__ == "__main__":
-  cli.main(get_config, pipeline.run, pipeline.HELP)
+  cli.main(get_config, pipeline.run, paper_config.HELP)

@@ -9,11 +9,11 @@ and biases (one global ranking), re-scoring between the densities 0.9 ... 0.1.
 
 import ml_collections
 
-from oba_jax.experiments import cli, pipeline
+from oba_jax.experiments import cli, paper_config, pipeline
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = pipeline.base_config()
+  c = paper_config.base_config()
   c.dataset = "cifar10"
   c.model = "resnet20_cifar"  # the README example (§4.5)
   c.model_kwargs.width = 64  # the paper's (EigenDamage) widths: 64, 128, 256 / 64 ... 512
@@ -31,4 +31,4 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 if __name__ == "__main__":
-  cli.main(get_config, pipeline.run, pipeline.HELP)
+  cli.main(get_config, pipeline.run, paper_config.HELP)

@@ -9,11 +9,11 @@ target with S=50 re-scored exponential steps of 200 batches of 64, fine-tunes 15
 
 import ml_collections
 
-from oba_jax.experiments import cli, pipeline
+from oba_jax.experiments import cli, paper_config, pipeline
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = pipeline.base_config()
+  c = paper_config.base_config()
   c.dataset = "cifar10"  # or "cifar100" (§4.3 runs both)
   c.model = "vgg19_cifar"
   c.model_kwargs.width = 64  # the paper's (EigenDamage) widths: 64, 128, 256 / 64 ... 512
@@ -24,4 +24,4 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 if __name__ == "__main__":
-  cli.main(get_config, pipeline.run, pipeline.HELP)
+  cli.main(get_config, pipeline.run, paper_config.HELP)

@@ -10,11 +10,11 @@ timm weights load with --config.init.format=timm.
 
 import ml_collections
 
-from oba_jax.experiments import cli, pipeline
+from oba_jax.experiments import cli, paper_config, pipeline
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = pipeline.imagenet_config()
+  c = paper_config.imagenet_config()
   c.model = "vit_b16"
   c.prune.ignore = ("conv_proj",)  # the patch embedding is an ignored layer (§4.1)
   c.smoke_model_kwargs = ml_collections.ConfigDict(
@@ -23,4 +23,4 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 if __name__ == "__main__":
-  cli.main(get_config, pipeline.run, pipeline.HELP)
+  cli.main(get_config, pipeline.run, paper_config.HELP)

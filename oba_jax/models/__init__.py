@@ -14,7 +14,7 @@ from oba_jax.models.vgg import VGG, ConvBN
 from oba_jax.models.vit import MultiHeadAttention, VisionTransformer, vit_b16
 
 __all__ = [
-    "MODELS", "BasicBlock", "Bottleneck", "ConvBN", "MultiHeadAttention", "ResNet", "ResNetCIFAR", "VGG",
-    "VisionTransformer", "create", "resnet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-    "vit", "vit_b16",
+    "MODELS", "BasicBlock", "Bottleneck", "ConvBN", "MultiHeadAttention", "ResNet", "ResNetCIFAR",
+    "VGG", "VisionTransformer", "check", "create", "resnet", "resnet18", "resnet34", "resnet50",
+    "resnet101", "resnet152", "vit", "vit_b16",
 ]
