@@ -151,7 +151,7 @@ def test_bert_errors_name_the_problem(tmp_path):
   with pytest.raises(ArchitectureError, match=r"missing \[.layers/2/attention"):
     bert_safetensors.load_bert(tmp_path / "deeper")
   _write_bert(tmp_path / "wider", state, intermediate_size=13)
-  with pytest.raises(ArchitectureError, match=r"intermediate.dense.weight has shape \(12, 16\)"):
+  with pytest.raises(ArchitectureError, match=r"encoder.layer.0.intermediate.dense.bias has shape \(12,\)"):
     bert_safetensors.load_bert(tmp_path / "wider")
   with pytest.raises(FileNotFoundError, match="config.json"):
     bert_safetensors.load_bert(tmp_path / "absent")
