@@ -147,3 +147,26 @@ def test_prune_compact_equals_masked(kind):
   dense_count = sum(np.size(x) for x in jax.tree.leaves(params))
   small_count = sum(np.size(x) for x in jax.tree.leaves(functional(small)[1]))
   assert small_count < dense_count
+
+
+def test_activation_norm_is_weight_times_input_feature_norm():
+  from oba_jax.activation_norm import activation_norm
+  rng = np.random.RandomState(0)
+  params = {"fc1": {"kernel": jnp.asarray(rng.randn(3, 4), jnp.float32),
+                    "bias": jnp.asarray(rng.randn(4), jnp.float32)},
+            "fc2": {"kernel": jnp.asarray(rng.randn(4, 2), jnp.float32)}}
+  x = jnp.asarray(rng.randn(2, 5, 3), jnp.float32)
+
+  def loss(p, batch):
+    h = jax.nn.relu(jnp.einsum("btd,de->bte", batch, p["fc1"]["kernel"]) + p["fc1"]["bias"])
+    return jnp.sum(h @ p["fc2"]["kernel"])
+
+  score = activation_norm(loss, params, x)
+  h = jax.nn.relu(x @ params["fc1"]["kernel"] + params["fc1"]["bias"])
+  norm = lambda a: jnp.sqrt(jnp.sum(a.reshape(-1, a.shape[-1]) ** 2, axis=0))
+  np.testing.assert_allclose(score["fc1"]["kernel"],
+                             jnp.abs(params["fc1"]["kernel"]) * norm(x)[:, None], rtol=1e-5)
+  np.testing.assert_allclose(score["fc2"]["kernel"],
+                             jnp.abs(params["fc2"]["kernel"]) * norm(h)[:, None], rtol=1e-5)
+  np.testing.assert_allclose(score["fc1"]["bias"], jnp.abs(params["fc1"]["bias"]) * np.sqrt(10),
+                             rtol=1e-5)
