@@ -170,3 +170,21 @@ def test_activation_norm_is_weight_times_input_feature_norm():
                              jnp.abs(params["fc2"]["kernel"]) * norm(h)[:, None], rtol=1e-5)
   np.testing.assert_allclose(score["fc1"]["bias"], jnp.abs(params["fc1"]["bias"]) * np.sqrt(10),
                              rtol=1e-5)
+
+
+@pytest.mark.xfail(strict=True, raises=structure.UnsupportedLayoutError,
+                   reason="engine limitation: an axis split and restacked as the minor factor of "
+                          "a reshaped axis (interleaved rotary pairs written with stack) is not "
+                          "followed; models.llama.apply_rope avoids it with a fixed 2x2 product")
+def test_trace_follows_restacked_interleaved_pairs():
+  class Pairs(nnx.Module):
+    def __init__(self):
+      self.proj = nnx.Linear(4, 8, rngs=nnx.Rngs(0))
+      self.out = nnx.Linear(8, 4, rngs=nnx.Rngs(1))
+
+    def __call__(self, x):
+      y = self.proj(x).reshape(*x.shape[:-1], 2, 2, 2)  # (heads, pairs, 2)
+      y = jnp.stack([-y[..., 1], y[..., 0]], axis=-1)  # rotate each interleaved pair
+      return self.out(y.reshape(*x.shape[:-1], 8))
+
+  structure.trace(Pairs(), jnp.ones((1, 3, 4)))
