@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from oba_jax import scores
+from oba_jax.activation_norm import activation_norm
 from oba_jax.functional import classification, functional
 from oba_jax.validate import check_choice, check_count
 
@@ -86,12 +87,25 @@ def _oba(objective, params, batch, key, delta=None, *, curvature):
   )
 
 
+def _activation_norm(objective, params, batch, key, delta=None):
+  del key  # deterministic
+  return activation_norm(objective.loss, params, batch, delta=delta)
+
+
+def _oba_t12(objective, params, batch, key, delta=None):
+  del key  # deterministic
+  return scores.oba(objective.loss, params, batch, delta=delta, curvature="hessian",
+                    first_order=True)
+
+
 # Criteria by name. "taylor" is the first-order term gᵢδᵢ (the paper's Taylor
 # baseline, |θ·g| per channel after the reduction), "oba" the exact-Hessian OBA
 # score, "oba_bilinear" the official OBA code's quantity in any BatchNorm mode
 # (product terms only), "oba_residual" (H - GGN) the same on ReLU networks with
 # fixed-statistics normalisation, "taylor3" and "taylor4" the third and fourth
-# Taylor terms; `oba_jax.scores` defines each.
+# Taylor terms; `oba_jax.scores` defines each. "oba_t12" is the first- plus second-order Taylor
+# prediction gᵢδᵢ + δᵢ(Hδ)ᵢ/2 (T1+T2), "activation_norm" the Wanda/FLAP-style |δᵢ|·‖input‖
+# (`oba_jax.activation_norm`).
 CRITERIA = types.MappingProxyType(
     dict(
         magnitude=Criterion(_magnitude, uses_data=False, entrywise=True),
@@ -106,6 +120,8 @@ CRITERIA = types.MappingProxyType(
         oba_bilinear=Criterion(functools.partial(_oba, curvature="bilinear")),
         taylor3=Criterion(functools.partial(_taylor, order=3)),
         taylor4=Criterion(functools.partial(_taylor, order=4)),
+        oba_t12=Criterion(_oba_t12),
+        activation_norm=Criterion(_activation_norm, entrywise=True),
     )
 )
 

@@ -376,13 +376,8 @@ def _train(
   """
   total = config.total_steps
   schedule = learning_rate_schedule(config, total)
-  with tqdm(
-      total=total,
-      initial=start,
-      unit="step",
-      desc=desc,
-      disable=not progress or jax.process_index() != 0,
-  ) as bar:
+  with tqdm(total=total, initial=start, unit="step", desc=desc,
+            disable=not progress or jax.process_index() != 0) as bar:
     for step in range(start + 1, total + 1):
       batch = next(batches, None)
       if batch is None:

