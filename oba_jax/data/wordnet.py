@@ -147,6 +147,17 @@ def encode_padded(texts_: Sequence[str], encode: Encode, *, max_tokens: int, pad
   return tokens, mask
 
 
+def _full_batches(size: int, batch_size: int, seed: int | None, num_batches: int | None,
+                  what: str) -> list[np.ndarray]:
+  """Indices of each full batch of `size` items, in order or permuted by `seed`."""
+  order = _order(size, seed)
+  count = len(order) // batch_size
+  count = count if num_batches is None else min(count, num_batches)
+  if count < 1:
+    raise ValueError(f"{size} {what} make no full batch of {batch_size}.")
+  return [order[b * batch_size:(b + 1) * batch_size] for b in range(count)]
+
+
 def _order(n: int, seed: int | None) -> np.ndarray:
   return np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
 
@@ -156,14 +167,9 @@ def token_batches(texts_: Sequence[str], encode: Encode, *, batch_size: int, max
                   prefix: Sequence[int] = ()) -> list[dict[str, np.ndarray]]:
   """Full batches `{"tokens", "mask"}` of the texts, in order (seed None) or permuted by `seed`;
   at most `num_batches` of them. The incomplete last batch is dropped."""
-  order = _order(len(texts_), seed)
-  count = len(order) // batch_size
-  count = count if num_batches is None else min(count, num_batches)
-  if count < 1:
-    raise ValueError(f"{len(texts_)} texts make no full batch of {batch_size}.")
   out = []
-  for b in range(count):
-    chosen = [texts_[i] for i in order[b * batch_size:(b + 1) * batch_size]]
+  for batch in _full_batches(len(texts_), batch_size, seed, num_batches, "texts"):
+    chosen = [texts_[i] for i in batch]
     tokens, mask = encode_padded(chosen, encode, max_tokens=max_tokens, pad_id=pad_id,
                                  prefix=prefix)
     out.append({"tokens": tokens, "mask": mask})
@@ -175,14 +181,9 @@ def pair_batches(pairs_: Sequence[tuple[str, str]], encode: Encode, *, batch_siz
                  pad_id: int = 0) -> list[dict[str, np.ndarray]]:
   """Full batches `{"query_tokens", "query_mask", "key_tokens", "key_mask"}` of (query, key)
   pairs, in order (seed None) or permuted by `seed`."""
-  order = _order(len(pairs_), seed)
-  count = len(order) // batch_size
-  count = count if num_batches is None else min(count, num_batches)
-  if count < 1:
-    raise ValueError(f"{len(pairs_)} pairs make no full batch of {batch_size}.")
   out = []
-  for b in range(count):
-    chosen = [pairs_[i] for i in order[b * batch_size:(b + 1) * batch_size]]
+  for batch in _full_batches(len(pairs_), batch_size, seed, num_batches, "pairs"):
+    chosen = [pairs_[i] for i in batch]
     batch = {}
     for side, index in (("query", 0), ("key", 1)):
       tokens, mask = encode_padded([p[index] for p in chosen], encode, max_tokens=max_tokens,
