@@ -8,6 +8,10 @@ paper's official CIFAR VGG and ResNet state dicts into `VGG` and `ResNetCIFAR`, 
 Formats: "torchvision" (ResNet, ViT; their default), "timm" (ViT), "official" (VGG and
 ResNetCIFAR, the layout of the paper's code; their default).
 
+Transformers (import the module; `gguf`/`tokenizers` are optional): `llama_gguf.load_llama(path)`
+and `gguf_tokenizer(path)` for Llama-family GGUF files (SmolLM2), `bert_safetensors.load_bert(dir)`
+and `bert_tokenizer(dir)` for Hugging Face BERT directories (MiniLM); `fill.build` checks leaves.
+
 Modules: `io` reads files, `convert` translates given a key-renaming table, `formats` holds the
 tables. Nothing here imports torch unless a `.pth` file is read.
 """
