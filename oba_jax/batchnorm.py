@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from oba_jax.estimate import data_mesh, pace, replicate, shard_batch
+from oba_jax.estimate import data_mesh, pace, replicate, shard_batch, tree_add
 
 PyTree = Any
 
@@ -56,7 +56,7 @@ def recalibrate(model: nnx.Module, batches: Iterable[PyTree], *, num_batches: in
   for count, batch in enumerate(batches, start=1):
     images = batch["image"] if isinstance(batch, dict) else batch
     stats = _batch_statistics(graphdef, params, state, shard_batch(images, mesh))
-    totals = stats if totals is None else _tree_add(totals, stats)
+    totals = stats if totals is None else tree_add(totals, stats)
     pace(count, totals)
     if count == num_batches:
       break
@@ -79,11 +79,6 @@ def _batch_statistics(graphdef: nnx.GraphDef, params: PyTree, state: PyTree,
   model(images)
   return {_name(path): (m.mean.get_value(), m.var.get_value())
           for path, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)}
-
-
-@jax.jit
-def _tree_add(a: PyTree, b: PyTree) -> PyTree:
-  return jax.tree.map(jnp.add, a, b)
 
 
 def _name(path: tuple) -> str:

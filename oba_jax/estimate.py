@@ -222,6 +222,12 @@ def _divided(tree: PyTree, count) -> PyTree:
   return jax.tree.map(lambda t: t / count, tree)
 
 
+@jax.jit
+def tree_add(a: PyTree, b: PyTree) -> PyTree:
+  """a + b leaf by leaf, as one program (a running sum in a dispatch loop; see `pace`)."""
+  return jax.tree.map(jnp.add, a, b)
+
+
 def _zeros_like(shapes: PyTree, params: PyTree, param_shardings: PyTree, mesh: Mesh) -> PyTree:
   """Zeros for the running sum, sharded like params when scores mirror params (no compile)."""
   if jax.tree.structure(shapes) == jax.tree.structure(params):

@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from oba_jax import masks, structure
 from oba_jax.criteria import CRITERIA, importance
-from oba_jax.estimate import data_mesh, shard_batch
+from oba_jax.estimate import data_mesh, shard_batch, tree_add
 from oba_jax.functional import classification, functional
 
 PyTree = Any
@@ -195,14 +195,9 @@ def _mean_over(batches, mesh, fn, params, *args):
     call_args = [jax.random.fold_in(a, i) if _is_key(a) else a for a in args]
     with jax.set_mesh(mesh):
       value = fn(params, batch, *call_args)
-      total = value if total is None else _tree_add(total, value)
+      total = value if total is None else tree_add(total, value)
     jax.block_until_ready(total)
   return _tree_scale(total, 1 / len(batches))
-
-
-@jax.jit
-def _tree_add(a, b):
-  return jax.tree.map(jnp.add, a, b)
 
 
 @jax.jit

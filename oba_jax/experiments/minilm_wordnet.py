@@ -25,7 +25,6 @@ from flax import nnx
 
 from oba_jax.data import wordnet
 from oba_jax.experiments import cli, text_pruning
-from oba_jax.experiments.smollm2_wordnet import _text
 from oba_jax.functional import Objective
 from oba_jax.models import Bert
 
@@ -75,12 +74,14 @@ def contrastive_objective(scale: float):
   return objective
 
 
+# One compiled encoder pass for every model of the same shapes (each criterion and target).
+_encode = jax.jit(lambda model, tokens, mask: model(tokens, mask))
+
+
 def retrieval(model: nnx.Module, queries, keys) -> dict:
   """Recall@1, Recall@10 and MRR of query i retrieving key i (cosine similarity)."""
-  encode = jax.jit(lambda m, t, k: m(t, k))
-
   def embeddings(batches):
-    out = [encode(model, jnp.asarray(b["tokens"]), jnp.asarray(b["mask"])) for b in batches]
+    out = [_encode(model, jnp.asarray(b["tokens"]), jnp.asarray(b["mask"])) for b in batches]
     e = np.concatenate([np.asarray(x) for x in out])
     return e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
 
@@ -108,7 +109,7 @@ def build_task(config) -> text_pruning.Task:
     # [CLS] ... [SEP] as sentence-transformers encodes; truncation keeps [CLS] and drops the end.
     encode, pad_id = (lambda text: tokenizer.encode(text).ids), 0
     info = {"model": directory, "model_config": model_config}
-  calibration_part, held_out_part = _text(config)
+  calibration_part, held_out_part = text_pruning.wordnet_parts(config)
   calibration_pairs = wordnet.pairs(calibration_part)
   held_pairs = wordnet.pairs(held_out_part)
   if len(held_pairs) < config.eval_pairs:
@@ -142,15 +143,9 @@ def build_task(config) -> text_pruning.Task:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  parsed = text_pruning.check_common(config)
   if config.batch_size < 2 or config.max_tokens < 2 or config.eval_pairs < 2:
     raise ValueError("batch_size, max_tokens and eval_pairs must be >= 2.")
-  if not config.smoke and not wordnet.available():
-    wordnet.directory_or_default()  # raises, saying how to install it
-  cli.claim_workdir(workdir, config)
-  if config.smoke:
-    config = _smoke(config)
-    parsed = text_pruning.check_common(config)
+  config, parsed = text_pruning.start(config, workdir, _smoke)
   return text_pruning.run_task(config, workdir, build_task(config), parsed)
 
 

@@ -33,13 +33,6 @@ from oba_jax.experiments import cli, text_pruning
 from oba_jax.functional import Objective
 from oba_jax.models import Llama
 
-_BUILTIN = [
-    "The cat sat on the mat.", "A river flows to the sea.", "She reads a book every night.",
-    "The sun rises in the east.", "They built a small wooden boat.", "He plays the old piano.",
-    "Birds fly south in the autumn.", "The children laughed at the clown.",
-    "A strong wind blew all night.", "We walked along the quiet beach.",
-]
-
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -75,12 +68,15 @@ def lm_objective(apply_fn) -> Objective:
   return Objective(lambda p, b: output_loss(model(p, b), b), model, output_loss)
 
 
+# One compiled forward pass for every model of the same shapes (each criterion and target).
+_forward = jax.jit(lambda model, tokens: model(tokens))
+
+
 def perplexity(model: nnx.Module, batches) -> dict:
   """exp(mean next-token NLL over all unpadded targets), and that NLL and the token count."""
-  forward = jax.jit(lambda m, tokens: m(tokens))
   total, count = 0.0, 0
   for batch in batches:
-    logits = forward(model, jnp.asarray(batch["tokens"])).astype(jnp.float32)
+    logits = _forward(model, jnp.asarray(batch["tokens"])).astype(jnp.float32)
     targets = batch["tokens"][:, 1:]
     weights = batch["mask"][:, 1:].astype(np.float64)
     logp = jax.nn.log_softmax(logits[:, :-1])
@@ -88,16 +84,6 @@ def perplexity(model: nnx.Module, batches) -> dict:
     total += float((nll * weights).sum())
     count += int(weights.sum())
   return {"perplexity": float(np.exp(total / count)), "nll": total / count, "tokens": count}
-
-
-def _text(config):
-  if wordnet.available() or not config.smoke:
-    synsets = wordnet.read()
-  else:
-    synsets = [wordnet.Synset(f"x{i:08d}", ("word",), s.lower().rstrip("."), (s,))
-               for i, s in enumerate(_BUILTIN * 4)]
-  held_out = config.held_out if len(synsets) > 100 else 0.5
-  return wordnet.split(synsets, held_out=held_out, split_seed=config.split_seed)
 
 
 def build_task(config) -> text_pruning.Task:
@@ -116,7 +102,7 @@ def build_task(config) -> text_pruning.Task:
     tokenizer = llama_gguf.gguf_tokenizer(path)
     encode, pad_id = (lambda text: tokenizer.encode(text).ids), 0
     info = {"model": path, "model_config": model_config}
-  calibration_part, held_out_part = _text(config)
+  calibration_part, held_out_part = text_pruning.wordnet_parts(config)
   calibration_texts = wordnet.texts(
       calibration_part, definitions="definitions" in config.calibration_texts,
       examples="examples" in config.calibration_texts)
@@ -143,17 +129,11 @@ def build_task(config) -> text_pruning.Task:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  parsed = text_pruning.check_common(config)
   if not config.eval_pos or set(config.eval_pos) - set("nvar"):
     raise ValueError(f"eval_pos={config.eval_pos!r}: letters among 'n', 'v', 'a', 'r'.")
   if config.batch_size < 2 or config.max_tokens < 2 or config.eval_batches < 1:
     raise ValueError("batch_size and max_tokens must be >= 2 and eval_batches >= 1.")
-  if not config.smoke and not wordnet.available():
-    wordnet.directory_or_default()  # raises, saying how to install it
-  cli.claim_workdir(workdir, config)
-  if config.smoke:
-    config = _smoke(config)
-    parsed = text_pruning.check_common(config)
+  config, parsed = text_pruning.start(config, workdir, _smoke)
   return text_pruning.run_task(config, workdir, build_task(config), parsed)
 
 

@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from oba_jax import criteria, masks, plan, scores, structure, surgery
+from oba_jax.data import wordnet
 from oba_jax.experiments import cli
 from oba_jax.functional import Objective, functional
 
@@ -111,6 +112,42 @@ def check_common(config: ml_collections.ConfigDict) -> dict:
   if config.calibration_batches < 1:
     raise ValueError(f"calibration_batches={config.calibration_batches} must be >= 1.")
   return dict(criteria=names, seeds=seeds, targets=sorted(targets, reverse=True))
+
+def start(config: ml_collections.ConfigDict, workdir: str,
+          smoke: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict]):
+  """The checks every text CLI makes before it claims `workdir`, the claim, smoke mode.
+
+  Returns the config to run (smoke-sized with `smoke` when `config.smoke`) and its
+  `check_common` result.
+  """
+  parsed = check_common(config)
+  if not config.smoke and not wordnet.available():
+    wordnet.directory_or_default()  # raises, saying how to install it
+  cli.claim_workdir(workdir, config)
+  if config.smoke:
+    config = smoke(config)
+    parsed = check_common(config)
+  return config, parsed
+
+
+_SMOKE_SENTENCES = [
+    "The cat sat on the mat.", "A river flows to the sea.", "She reads a book every night.",
+    "The sun rises in the east.", "They built a small wooden boat.", "He plays the old piano.",
+    "Birds fly south in the autumn.", "The children laughed at the clown.",
+    "A strong wind blew all night.", "We walked along the quiet beach.",
+]
+
+
+def wordnet_parts(config: ml_collections.ConfigDict):
+  """(calibration, held-out) synsets of WordNet split by `config.split_seed`; in smoke mode
+  without WordNet installed, a few built-in sentences stand in for it."""
+  if wordnet.available() or not config.smoke:
+    synsets = wordnet.read()
+  else:
+    synsets = [wordnet.Synset(f"x{i:08d}", ("word",), s.lower().rstrip("."), (s,))
+               for i, s in enumerate(_SMOKE_SENTENCES * 4)]
+  held_out = config.held_out if len(synsets) > 100 else 0.5
+  return wordnet.split(synsets, held_out=held_out, split_seed=config.split_seed)
 
 
 def prune_ignore(prune: str, num_layers: int, attention: str, mlp: Sequence[str]) -> tuple:
