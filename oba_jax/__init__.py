@@ -6,7 +6,7 @@ Modules, one concept each:
   bilinear    the official OBA curvature H_bil, from the product equations of the jaxpr
   delta       which parameters a pruning step moves, and by how much
   estimate    averaging scores over batches, data-parallel over devices and hosts
-  functional  pure functions from Flax NNX modules; the classification objective
+  functional  pure functions from Flax NNX modules; the classification and next-token objectives
   structure   coupled groups traced from the jaxpr, the cost model, group scores
   flops       MACs and parameter counts from the jaxpr
   plan        targets (KeptFlops, KeptParams, Density), global/local selection, schedules
@@ -27,7 +27,8 @@ Modules, one concept each:
 from oba_jax import (batchnorm, criteria, curvature, delta, estimate, evaluation, flops, masks,
                      models, oracle, plan, prune, runs, scores, structure, surgery, train,
                      weights)
-from oba_jax.functional import Objective, classification, functional, softmax_cross_entropy
+from oba_jax.functional import (Objective, classification, functional, next_token,
+                                softmax_cross_entropy)
 
 __version__ = "0.1.0"
 
@@ -44,6 +45,7 @@ __all__ = [
     "functional",
     "masks",
     "models",
+    "next_token",
     "oracle",
     "plan",
     "prune",

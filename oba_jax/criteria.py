@@ -71,7 +71,7 @@ def _taylor(objective, params, batch, key, delta=None, *, order):
 
 def _obd(objective, params, batch, key, delta=None, *, diag):
   return scores.obd(objective.loss, params, batch, key=key, diag=diag, delta=delta,
-                    model_fn=objective.model)
+                    model_fn=objective.model, output_weights=objective.output_weights)
 
 
 def _oba(objective, params, batch, key, delta=None, *, curvature):

@@ -152,31 +152,51 @@ def hutchinson_diagonal(
 
 
 def fisher_diagonal(
-    model_fn: ModelFn, params: PyTree, batch: PyTree, key: jax.Array, num_samples: int = 1
+    model_fn: ModelFn, params: PyTree, batch: PyTree, key: jax.Array, num_samples: int = 1,
+    output_weights: Callable[[PyTree], jax.Array] | None = None,
 ) -> PyTree:
-  """Diagonal of the Fisher of a softmax classifier, labels sampled from the model.
+  """Diagonal of the Fisher of a softmax model, labels sampled from the model.
 
-  F_ii = mean over examples n of E_{y ~ softmax(model_fn(θ, x_n))} (∂ log p(y | x_n) / ∂θ_i)²,
-  with `num_samples` labels per example ("true" Fisher, not the empirical one).
-  `model_fn(params, batch)` returns logits [batch, classes]; examples are the
-  leading axis of every leaf of `batch` and are run one at a time, so use a model
-  with inference-mode normalisation. Memory: one gradient per example in flight.
+  `model_fn(params, batch)` returns logits [batch, ..., classes]: one softmax per
+  example (a classifier) or one per position of each example (a language model).
+  `output_weights(batch)` gives each softmax's weight in the loss, shape
+  [batch, ...] (e.g. 0 at padding and at the last position of a next-token loss);
+  default 1 each. With weights w and W = Σ w over the batch,
+
+      F_ii = Σ_n E_y (Σ_t √w_nt ∂ log p(y_nt | x_n) / ∂θ_i)² / W,
+
+  an unbiased estimate of the Gauss-Newton diagonal of the weighted mean
+  cross-entropy (labels at different positions are independent, so the cross
+  terms vanish in expectation); for a classifier it is the mean over examples of
+  (∂ log p(y | x_n) / ∂θ_i)². `num_samples` labels are drawn per softmax ("true"
+  Fisher, not the empirical one). Examples are the leading axis of every leaf of
+  `batch` and run one at a time, so use a model with inference-mode
+  normalisation and a loss whose examples are independent (not an in-batch
+  contrastive loss). Memory: one gradient per example in flight.
   """
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
 
   def example_fisher(params, example, example_key):
+    example, weights = example
     single = jax.tree.map(lambda a: a[None], example)
     logits, pull = jax.vjp(lambda p: model_fn(p, single), params)
     log_probs = jax.nn.log_softmax(logits)
-    labels = jax.random.categorical(example_key, log_probs[0], shape=(num_samples,))
+    labels = jax.random.categorical(example_key, log_probs[0],
+                                    shape=(num_samples,) + log_probs.shape[1:-1])
     # ∂ log p(y)/∂logits = onehot(y) - softmax(logits), one row per sampled label.
     cotangents = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype) - jnp.exp(log_probs)
+    cotangents = cotangents * jnp.sqrt(weights)[None, ..., None].astype(logits.dtype)
     grads = jax.vmap(lambda c: pull(c[None])[0])(cotangents)
     return jax.tree.map(lambda g: jnp.mean(g * g, axis=0), grads)
 
   size = jax.tree.leaves(batch)[0].shape[0]
-  return mean_over_examples(example_fisher, params, batch, jax.random.split(key, size))
+  if output_weights is None:
+    weights = jnp.ones((size,))
+  else:
+    weights = jnp.asarray(output_weights(batch), jnp.float32)
+  mean = mean_over_examples(example_fisher, params, (batch, weights), jax.random.split(key, size))
+  return jax.tree.map(lambda f: f * (size / jnp.maximum(jnp.sum(weights), 1e-12)), mean)
 
 
 def mean_over_examples(example_fn: Callable[[PyTree, PyTree, jax.Array], PyTree], params: PyTree,
@@ -187,7 +207,9 @@ def mean_over_examples(example_fn: Callable[[PyTree, PyTree, jax.Array], PyTree]
   per-example conv-kernel gradients under XLA's SPMD partitioner (jax 0.10). So
   with a device mesh in context (`jax.set_mesh`, as `estimate.accumulate` sets
   it), each device maps over its own examples (`jax.shard_map`, the batch split
-  over every mesh axis) and the sums are added across devices. The parameters
+  over every mesh axis, or over the 'data' axis alone when the batch does not
+  split over all of them, as on a data x model mesh) and the sums are added
+  across devices. The parameters
   are cast to per-device values first: a gradient with respect to a replicated
   value inside `shard_map` would come back summed over the devices. Exact on any
   number of devices; under your own `jit` of a sharded batch, set the mesh too.
@@ -202,10 +224,7 @@ def mean_over_examples(example_fn: Callable[[PyTree, PyTree, jax.Array], PyTree]
   if mesh.empty or mesh.size == 1:
     total = example_sum(params, batch, keys)
   else:
-    axes = mesh.axis_names
-    if size % mesh.size:
-      raise ValueError(f"a batch of {size} examples does not split over the {mesh.size} devices "
-                       f"of the mesh {dict(mesh.shape)}.")
+    axes = _example_axes(mesh, size)
 
     def local(params, examples, example_keys):
       params = jax.tree.map(lambda p: jax.lax.pcast(p, axes, to="varying"), params)
@@ -213,5 +232,15 @@ def mean_over_examples(example_fn: Callable[[PyTree, PyTree, jax.Array], PyTree]
 
     total = jax.shard_map(
         local, in_specs=(PartitionSpec(), PartitionSpec(axes), PartitionSpec(axes)),
-        out_specs=PartitionSpec())(params, batch, keys)
+        out_specs=PartitionSpec(), axis_names=set(axes))(params, batch, keys)
   return jax.tree.map(lambda t: t / size, total)
+
+
+def _example_axes(mesh, size: int) -> tuple[str, ...]:
+  """The mesh axes to split `size` examples over: all of them, else 'data' alone."""
+  if size % mesh.size == 0:
+    return tuple(mesh.axis_names)
+  if "data" in mesh.axis_names and size % mesh.shape["data"] == 0:
+    return ("data",)
+  raise ValueError(f"a batch of {size} examples does not split over the {mesh.size} devices "
+                   f"of the mesh {dict(mesh.shape)}, nor over its 'data' axis.")

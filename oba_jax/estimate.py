@@ -8,6 +8,13 @@ the single-device semantics. Parameters are replicated, unless they already
 live on the mesh, in which case their sharding is kept and the scores are
 sharded the same way.
 
+A model too large to replicate is held the way a pod job holds it: `pod_mesh`
+gives a 2-D (data x model) mesh and `shard_params` splits every parameter over
+its 'model' axis (FSDP-style: each leaf along one dimension, gathered by XLA
+where a layer needs it); `accumulate` keeps that sharding, splits each batch
+over 'data', and returns scores sharded like the parameters, equal to the
+single-device scores.
+
 Multi-host: after `jax.distributed.initialize()`, every process calls
 `accumulate` with its own shard of each batch (the same number of batches on
 every process); the global batch is assembled with
@@ -29,6 +36,7 @@ from oba_jax.delta import path_str
 
 PyTree = Any
 DATA_AXIS = "data"
+MODEL_AXIS = "model"
 # Programs a host loop may queue on several CPU devices before it waits for one (`pace`).
 MAX_IN_FLIGHT = 4
 
@@ -37,6 +45,43 @@ def data_mesh(devices=None) -> Mesh:
   """A 1-D mesh over `devices` (default: all devices of all processes), axis 'data'."""
   devices = np.asarray(jax.devices() if devices is None else devices)
   return Mesh(devices.reshape(-1), (DATA_AXIS,))
+
+
+def pod_mesh(data: int, model: int, devices=None) -> Mesh:
+  """A 2-D mesh of `data` x `model` devices (default: all devices of all processes).
+
+  Batches are split over 'data'; `shard_params` splits parameters over 'model'.
+  """
+  devices = np.asarray(jax.devices() if devices is None else devices).reshape(-1)
+  if data < 1 or model < 1 or data * model != devices.size:
+    raise ValueError(f"a mesh of data={data} x model={model} devices needs {data * model} "
+                     f"devices; there are {devices.size}. Choose sizes whose product is "
+                     f"{devices.size}.")
+  return Mesh(devices.reshape(data, model), (DATA_AXIS, MODEL_AXIS))
+
+
+def shard_params(params: PyTree, mesh: Mesh, axis: str = MODEL_AXIS) -> PyTree:
+  """`params` split FSDP-style over `axis` of `mesh`, from the same values on every process.
+
+  Each leaf is split along its largest dimension divisible by the axis size
+  (the first such, on ties), and replicated over the other mesh axes; a leaf with
+  no such dimension (a scalar, a small vector) is replicated. Each device holds
+  1/size of the split leaves, and only its own part is read from the host.
+  """
+  if axis not in mesh.axis_names:
+    raise ValueError(f"axis={axis!r} is not an axis of the mesh {dict(mesh.shape)}.")
+  size = mesh.shape[axis]
+
+  def put(x):
+    value = np.asarray(x)
+    dims = [d for d in range(value.ndim) if value.shape[d] % size == 0 and value.shape[d] >= size]
+    spec = [None] * value.ndim
+    if dims and size > 1:
+      spec[max(dims, key=lambda d: (value.shape[d], -d))] = axis
+    sharding = NamedSharding(mesh, PartitionSpec(*spec))
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+  return jax.tree.map(put, params)
 
 
 def _param_sharding(leaf, mesh: Mesh) -> NamedSharding:

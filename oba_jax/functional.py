@@ -1,4 +1,4 @@
-"""Pure functions from Flax NNX modules, and the classification objective.
+"""Pure functions from Flax NNX modules, and the classification and next-token objectives.
 
 `scores` works on `loss_fn(params, batch)` with `params` any pytree. For an NNX
 model, `functional(model)` gives `apply_fn(params, *inputs)` and its parameters
@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -42,14 +43,19 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 class Objective(NamedTuple):
-  """The three views of one loss that `scores` needs.
+  """The views of one loss that `scores` needs.
 
-  loss(params, batch) == output_loss(model(params, batch), batch).
+  loss(params, batch) == output_loss(model(params, batch), batch). When the
+  model's outputs are logits with one softmax per position ([batch, ...,
+  classes], a language model), `output_weights(batch) -> [batch, ...]` says how
+  much each position counts in the loss (the Fisher diagonal needs it); None
+  means one softmax per example, each weighing the same.
   """
 
   loss: Callable[[PyTree, PyTree], jax.Array]
   model: Callable[[PyTree, PyTree], jax.Array]
   output_loss: Callable[[jax.Array, PyTree], jax.Array]
+  output_weights: Callable[[PyTree], jax.Array] | None = None
 
 
 def classification(apply_fn: Callable[..., jax.Array], image_key: str = "image",
@@ -58,3 +64,31 @@ def classification(apply_fn: Callable[..., jax.Array], image_key: str = "image",
   model = lambda params, batch: apply_fn(params, batch[image_key])
   output_loss = lambda logits, batch: softmax_cross_entropy(logits, batch[label_key])
   return Objective(lambda p, b: output_loss(model(p, b), b), model, output_loss)
+
+
+def next_token(apply_fn: Callable[..., jax.Array], tokens_key: str = "tokens",
+               mask_key: str = "mask") -> Objective:
+  """Mean next-token cross-entropy of a language model over the unpadded targets.
+
+  `apply_fn(params, batch[tokens_key])` returns logits [batch, length, vocab];
+  `batch[mask_key]` is 1 on real tokens and 0 on padding. The logits at position
+  t predict token t + 1, so `output_weights` is the target mask shifted by one
+  (0 at the last position), which the Fisher diagonal needs.
+  """
+
+  def model(params, batch):
+    return apply_fn(params, batch[tokens_key])
+
+  def output_weights(batch):
+    mask = batch[mask_key].astype(jnp.float32)
+    return jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+
+  def output_loss(logits, batch):
+    logits = logits.astype(jnp.float32)
+    targets = batch[tokens_key]
+    weights = output_weights(batch)
+    nll = optax.softmax_cross_entropy_with_integer_labels(
+        logits[:, :-1], targets[:, 1:])
+    return (nll * weights[:, :-1]).sum() / jnp.maximum(weights.sum(), 1.0)
+
+  return Objective(lambda p, b: output_loss(model(p, b), b), model, output_loss, output_weights)

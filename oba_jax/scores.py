@@ -150,6 +150,7 @@ def obd(
     delta: PyTree | None = None,
     prunable: Prunable | None = None,
     model_fn: Callable[[PyTree, PyTree], PyTree] | None = None,
+    output_weights: Callable[[PyTree], jax.Array] | None = None,
 ) -> PyTree:
   """Optimal Brain Damage: δᵢ² Dᵢᵢ / 2 with D a diagonal curvature estimate.
 
@@ -157,7 +158,9 @@ def obd(
     diag: "hutchinson" (unbiased Hessian diagonal from `num_probes` Rademacher
       probes, see `curvature.hutchinson_diagonal`) or "fisher" (the Fisher
       diagonal of a softmax classifier with labels sampled from the model; needs
-      `model_fn(params, batch) -> logits`; `num_probes` labels per example).
+      `model_fn(params, batch) -> logits`, [batch, classes] or per position
+      [batch, ..., classes] with `output_weights(batch) -> [batch, ...]` the
+      positions' weights in the loss; `num_probes` labels per softmax).
     key: a PRNG key for the probes or the sampled labels.
   """
   check_choice("diag", diag, DIAGONALS)
@@ -170,7 +173,7 @@ def obd(
   else:
     if model_fn is None:
       raise ValueError("diag='fisher' needs model_fn(params, batch) -> logits [batch, classes].")
-    diagonal = fisher_diagonal(model_fn, params, batch, key, num_probes)
+    diagonal = fisher_diagonal(model_fn, params, batch, key, num_probes, output_weights)
   scores = jax.tree.map(lambda d, h: d * d * h / 2, delta, diagonal)
   return check_finite(scores, f"obd(diag={diag!r})")
 

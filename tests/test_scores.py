@@ -6,6 +6,7 @@ import math
 import flax.linen as linen
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
@@ -243,6 +244,31 @@ def test_fisher_diagonal_converges_to_exact_expectation():
                    model_fn=objective.model, num_probes=4000)
   expected = jax.tree.map(lambda d, f: d * d * f / 2, removal_delta(params), estimate)
   assert rel_err(got, expected) <= 1e-12
+
+
+
+def test_fisher_diagonal_per_position_is_the_weighted_gauss_newton_diagonal():
+  # A tiny sequence model: logits [batch, positions, classes], positions weighted
+  # (zeros for padding) as a next-token loss weighs them.
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float64),
+            "u": jnp.asarray(rng.normal(size=(4, 4)) / 2, jnp.float64)}
+  batch = {"x": jnp.asarray(rng.normal(size=(3, 5, 3))),
+           "w": jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0.5, 1, 0, 1, 0]], jnp.float64)}
+  model = lambda p, b: jnp.tanh(b["x"] @ p["w"]) @ p["u"]
+
+  def output_loss(logits, b):
+    nll = -jax.nn.log_softmax(logits)[..., 0]  # any targets: the GGN does not depend on them
+    return jnp.sum(nll * b["w"]) / jnp.sum(b["w"])
+
+  flat, unravel = ravel_pytree(params)
+  jac = jax.jacobian(lambda f: model(unravel(f), batch))(flat)  # [3, 5, 4, P]
+  h_out = jax.hessian(lambda o: output_loss(o, batch))(model(params, batch))
+  ggn = jnp.einsum("abcp,abcdef,defq->pq", jac, h_out, jac)
+  exact = unravel(jnp.diagonal(ggn))
+  estimate = curvature.fisher_diagonal(model, params, batch, jax.random.key(1), 20000,
+                                       output_weights=lambda b: b["w"])
+  assert rel_err(estimate, exact) <= 0.03
 
 
 # --- trivial baselines and the prunable convention ----------------------------

@@ -40,6 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_seed = 0
   c.scale = 20.0  # InfoNCE logit scale (sentence-transformers' MultipleNegativesRankingLoss)
   text_pruning.add_common_config(c)
+  # No obd_fisher: the in-batch contrastive loss has no per-example Fisher.
+  c.criteria = "random,magnitude,taylor,activation_norm,oba,oba_residual,oba_bilinear,oba_t12"
   c.calibration_batches = 16
   return c
 
@@ -145,7 +147,7 @@ def build_task(config) -> text_pruning.Task:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.batch_size < 2 or config.max_tokens < 2 or config.eval_pairs < 2:
     raise ValueError("batch_size, max_tokens and eval_pairs must be >= 2.")
-  config, parsed = text_pruning.start(config, workdir, _smoke)
+  config, parsed = text_pruning.start(config, workdir, _smoke, independent_examples=False)
   return text_pruning.run_task(config, workdir, build_task(config), parsed)
 
 

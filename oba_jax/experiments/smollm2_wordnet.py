@@ -30,7 +30,7 @@ from flax import nnx
 
 from oba_jax.data import wordnet
 from oba_jax.experiments import cli, text_pruning
-from oba_jax.functional import Objective
+from oba_jax.functional import next_token
 from oba_jax.models import Llama
 
 
@@ -50,22 +50,6 @@ def _smoke(config):
   return cli.smoke(config, {"batch_size": 4, "max_tokens": 16, "eval_batches": 2,
                             "calibration_batches": 2, "calibration_seeds": "1",
                             "targets": "0.9,0.8", "measure_cost": False})
-
-
-def lm_objective(apply_fn) -> Objective:
-  """Mean next-token cross-entropy over the unpadded targets of {"tokens", "mask"} batches."""
-
-  def model(params, batch):
-    return apply_fn(params, batch["tokens"])
-
-  def output_loss(logits, batch):
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = batch["tokens"][:, 1:]
-    weights = batch["mask"][:, 1:].astype(jnp.float32)
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
-    return (nll * weights).sum() / jnp.maximum(weights.sum(), 1.0)
-
-  return Objective(lambda p, b: output_loss(model(p, b), b), model, output_loss)
 
 
 # One compiled forward pass for every model of the same shapes (each criterion and target).
@@ -123,7 +107,7 @@ def build_task(config) -> text_pruning.Task:
   ignore = ("embed",) + text_pruning.prune_ignore(config.prune, num_layers, "attn", ["mlp"])
   return text_pruning.Task(
       model=model, example_inputs=(jnp.asarray(eval_batches[0]["tokens"]),), ignore=ignore,
-      objective=lm_objective, calibration=calibration,
+      objective=next_token, calibration=calibration,
       evaluate=lambda m: perplexity(m, eval_batches), metric="perplexity",
       higher_is_better=False, info=info)
 

@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from oba_jax import criteria, masks, plan, scores, structure, surgery
+from oba_jax import criteria, estimate, masks, plan, scores, structure, surgery
 from oba_jax.data import wordnet
 from oba_jax.experiments import cli
 from oba_jax.functional import Objective, functional
@@ -73,7 +73,8 @@ class Task:
 
 def add_common_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The settings every text-pruning CLI shares."""
-  c.criteria = "random,magnitude,taylor,activation_norm,oba,oba_bilinear,oba_t12"
+  c.criteria = ("random,magnitude,taylor,activation_norm,obd_fisher,oba,oba_residual,"
+                "oba_bilinear,oba_t12")
   c.calibration_seeds = "1,2"  # comma-separated; each picks its own calibration batches
   c.calibration_batches = 8  # N batches averaged per criterion and seed
   c.targets = "0.95,0.9,0.85"  # kept fractions of the dense parameter count
@@ -83,6 +84,9 @@ def add_common_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   c.split_seed = 0  # the held-out split (independent of the calibration seeds)
   c.held_out = 0.2  # fraction of WordNet synsets held out
   c.measure_cost = True  # time each criterion in units of one gradient
+  # Devices as DATAxMODEL, e.g. "2x4": batches split over DATA and every parameter over MODEL
+  # (FSDP-style, as a pod job holds a model too large to replicate); empty: all on DATA.
+  c.mesh = ""
   # Evaluate the compacted model itself (one compilation per plan) rather than the masked one
   # (same shapes as the dense model, so its compilation is reused). Either way the compacted
   # model is built and compared with the masked one on a held-out batch.
@@ -111,16 +115,41 @@ def check_common(config: ml_collections.ConfigDict) -> dict:
     raise ValueError(f"reduction={config.reduction!r}; accepted: {structure.REDUCTIONS}.")
   if config.calibration_batches < 1:
     raise ValueError(f"calibration_batches={config.calibration_batches} must be >= 1.")
-  return dict(criteria=names, seeds=seeds, targets=sorted(targets, reverse=True))
+  return dict(criteria=names, seeds=seeds, targets=sorted(targets, reverse=True),
+              mesh=parse_mesh(config.mesh))
+
+
+def parse_mesh(text: str) -> tuple[int, int] | None:
+  """"DATAxMODEL" -> (data, model) sizes whose product is the device count; "" -> None."""
+  if not text:
+    return None
+  try:
+    data, model = (int(n) for n in text.lower().split("x"))
+  except ValueError:
+    raise ValueError(f"mesh={text!r}: write DATAxMODEL, e.g. '2x4', or leave it empty.") from None
+  if data < 1 or model < 1 or data * model != jax.device_count():
+    raise ValueError(f"mesh={text!r}: DATA x MODEL must be {jax.device_count()}, the number of "
+                     "devices (XLA_FLAGS=--xla_force_host_platform_device_count=N for N CPU "
+                     "devices).")
+  return data, model
 
 def start(config: ml_collections.ConfigDict, workdir: str,
-          smoke: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict]):
+          smoke: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict], *,
+          independent_examples: bool = True):
   """The checks every text CLI makes before it claims `workdir`, the claim, smoke mode.
 
+  `independent_examples=False` (an in-batch contrastive loss) refuses the
+  criteria that run the model one example at a time (the Fisher diagonal).
   Returns the config to run (smoke-sized with `smoke` when `config.smoke`) and its
   `check_common` result.
   """
   parsed = check_common(config)
+  per_example = [n for n in parsed["criteria"] if criteria.CRITERIA[n].per_example]
+  if per_example and not independent_examples:
+    raise ValueError(
+        f"criteria {per_example} run the model one example at a time, and this task's loss "
+        "couples the examples of a batch (in-batch negatives), so it has no per-example Fisher; "
+        f"accepted: {sorted(n for n, c in criteria.CRITERIA.items() if not c.per_example)}.")
   if not config.smoke and not wordnet.available():
     wordnet.directory_or_default()  # raises, saying how to install it
   cli.claim_workdir(workdir, config)
@@ -184,11 +213,18 @@ def _time(fn, *args, reps: int = 3) -> float:
   return float(np.median(times))
 
 
-def measure_cost(name: str, objective: Objective, params, batch, key) -> dict:
-  """Steady-state seconds of one scoring step and of one gradient; XLA's memory analysis."""
+def measure_cost(name: str, objective: Objective, params, batch, key, mesh) -> dict:
+  """Steady-state seconds of one scoring step and of one gradient on `mesh` (params as they
+  lie on it); XLA's memory analysis."""
   score = _score_fn(name, objective)
   step = jax.jit(lambda p, b: score(p, b, key))
   grad = jax.jit(jax.grad(objective.loss))
+  batch = estimate.shard_batch(batch, mesh)
+  with jax.set_mesh(mesh):
+    return _cost(step, grad, params, batch)
+
+
+def _cost(step, grad, params, batch) -> dict:
   start = time.perf_counter()
   compiled = step.lower(params, batch).compile()
   compile_seconds = time.perf_counter() - start
@@ -225,6 +261,11 @@ def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed
   apply_fn, params = functional(task.model)
   objective = task.objective(apply_fn)
   dense_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+  if parsed["mesh"]:
+    mesh = estimate.pod_mesh(*parsed["mesh"])
+    params = estimate.shard_params(params, mesh)
+  else:
+    mesh = estimate.data_mesh()
   costs_path = os.path.join(workdir, "costs.json")
   costs = cli.read_json(costs_path) if os.path.exists(costs_path) else {}
 
@@ -242,7 +283,8 @@ def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed
         start = time.perf_counter()
         if scorer.uses_data:
           s = scores.accumulate(_score_fn(name, objective), params, batches, key=key,
-                                num_batches=config.calibration_batches, progress=config.progress)
+                                num_batches=config.calibration_batches, progress=config.progress,
+                                mesh=mesh)
         else:
           s = scorer.score(objective, params, None, key)
         grouped = structure.group_scores(traced, s, reduction=config.reduction)
@@ -255,7 +297,8 @@ def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed
       seconds = float(grouped.pop("__seconds__"))
       if config.measure_cost and name not in costs and criteria.CRITERIA[name].uses_data:
         batches = task.calibration(seed) if batches is None else batches
-        costs[name] = measure_cost(name, objective, params, batches[0], jax.random.key(seed))
+        costs[name] = measure_cost(name, objective, params, batches[0], jax.random.key(seed),
+                                   mesh)
         cli.write_json(costs_path, costs)
         print(f"cost {name}: {costs[name]}")
       group_vectors = grouped
