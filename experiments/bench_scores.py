@@ -9,11 +9,15 @@ compiled executables' memory analysis) of, on the paper's wide CIFAR ResNet:
   bilinear  scores.oba(curvature="bilinear")            target <= 3x grad
   taylor3   scores.taylor(order=3)                      (for information)
   hutch1    scores.obd(diag="hutchinson"), one probe    (for information)
+  kron_obd  scores.kron_obd, K-FAC factors, one label   (for information)
+  kron_obs  scores.kron_obs, K-FAC factors, one label   (for information)
 Memory target: every score's peak <= 2.5x the gradient step's.
 
   python experiments/bench_scores.py --depth 32 --batch 64 --reps 5
   python experiments/bench_scores.py --only bilinear --train-bn --reps 3 \
       --out experiments/results/bench_scores_bilinear_train.json
+  python experiments/bench_scores.py --depth 20 --width 16 --only kron_obd,kron_obs --reps 5 \
+      --out experiments/results/bench_scores_kfac.json
 """
 
 import argparse
@@ -59,6 +63,10 @@ def candidates(objective):
       "bilinear": functools.partial(scores.oba, objective.loss, curvature="bilinear"),
       "taylor3": functools.partial(scores.taylor, objective.loss, order=3),
       "hutch1": functools.partial(scores.obd, objective.loss, key=jax.random.key(0)),
+      "kron_obd": functools.partial(scores.kron_obd, objective.loss, key=jax.random.key(0),
+                                    model_fn=objective.model),
+      "kron_obs": functools.partial(scores.kron_obs, objective.loss, key=jax.random.key(0),
+                                    model_fn=objective.model),
   }
 
 

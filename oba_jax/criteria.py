@@ -42,9 +42,10 @@ class Criterion:
       first-order Taylor, OBD's diagonal), so the prediction for removing any
       subset is the sum of its entries under the full-removal delta. Scores with
       a full curvature (OBA) or higher Taylor orders couple the entries.
-    per_example: True when the score runs the model one example at a time (the
-      Fisher diagonal), which needs inference-mode normalisation: with batch
-      statistics each example would be normalised by its own.
+    per_example: True when the score needs each example's own gradients (the
+      Fisher diagonal runs the model one example at a time, the K-FAC factors
+      read them from one backward pass of the batch), which needs inference-mode
+      normalisation: with batch statistics the examples would interact.
   """
 
   score: Callable[..., PyTree]
@@ -92,6 +93,10 @@ def _activation_norm(objective, params, batch, key, delta=None):
   return activation_norm(objective.loss, params, batch, delta=delta)
 
 
+def _kron(objective, params, batch, key, delta=None, *, saliency):
+  return saliency(objective.loss, params, batch, key=key, model_fn=objective.model, delta=delta)
+
+
 def _oba_t12(objective, params, batch, key, delta=None):
   del key  # deterministic
   return scores.oba(objective.loss, params, batch, delta=delta, curvature="hessian",
@@ -105,7 +110,9 @@ def _oba_t12(objective, params, batch, key, delta=None):
 # fixed-statistics normalisation, "taylor3" and "taylor4" the third and fourth
 # Taylor terms; `oba_jax.scores` defines each. "oba_t12" is the first- plus second-order Taylor
 # prediction gᵢδᵢ + δᵢ(Hδ)ᵢ/2 (T1+T2), "activation_norm" the Wanda/FLAP-style |δᵢ|·‖input‖
-# (`oba_jax.activation_norm`).
+# (`oba_jax.activation_norm`). "kron_obd" and "kron_obs" are the K-FAC baselines (Kron-OBD,
+# Kron-OBS per output unit; `oba_jax.kfac`): their factors are expectations over single examples
+# (one backward pass of the batch), so like "obd_fisher" they are `per_example`.
 CRITERIA = types.MappingProxyType(
     dict(
         magnitude=Criterion(_magnitude, uses_data=False, entrywise=True),
@@ -122,6 +129,9 @@ CRITERIA = types.MappingProxyType(
         taylor4=Criterion(functools.partial(_taylor, order=4)),
         oba_t12=Criterion(_oba_t12),
         activation_norm=Criterion(_activation_norm, entrywise=True),
+        kron_obd=Criterion(functools.partial(_kron, saliency=scores.kron_obd), entrywise=True,
+                           per_example=True),
+        kron_obs=Criterion(functools.partial(_kron, saliency=scores.kron_obs), per_example=True),
     )
 )
 
@@ -157,7 +167,7 @@ def importance(
     model: the NNX model to score.
     batches: an iterable of batches; an iterator is consumed as it is read.
     num_batches: how many batches to average (None: all of them).
-    key: PRNG key for the random criteria ("random", "obd_*").
+    key: PRNG key for the random criteria ("random", "obd_*", "kron_*").
     mesh: the device mesh of `scores.accumulate` (default: all devices).
     progress: show a progress bar.
     batchnorm: "train" (batch statistics, the official pipeline's) or "eval"

@@ -278,7 +278,8 @@ def one_shot_with(**changes):
     [
         (
             dict(criterion="hessian"),
-            r"criterion='hessian' is not supported; accepted: \['activation_norm', 'magnitude'",
+            r"criterion='hessian' is not supported; accepted: "
+            r"\['activation_norm', 'kron_obd', 'kron_obs', 'magnitude'",
         ),
         (dict(targets=1.5), r"targets: 1.5 is not a kept-MACs fraction in \(0, 1\]"),
         (dict(targets=plan.Density(0.5)), r"densities are for `unstructured`"),
