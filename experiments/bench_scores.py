@@ -13,11 +13,18 @@ compiled executables' memory analysis) of, on the paper's wide CIFAR ResNet:
   kron_obs  scores.kron_obs, K-FAC factors, one label   (for information)
 Memory target: every score's peak <= 2.5x the gradient step's.
 
+Over depth (`--depth 20,32,56,110`): the same at each depth in one process, and a
+table of each score's cost in gradients (it should stay flat with depth) and the
+gradient's own time per layer (conv and dense kernels), which would be flat if
+XLA:CPU's cost were linear in depth.
+
   python experiments/bench_scores.py --depth 32 --batch 64 --reps 5
   python experiments/bench_scores.py --only bilinear --train-bn --reps 3 \
       --out experiments/results/bench_scores_bilinear_train.json
   python experiments/bench_scores.py --depth 20 --width 16 --only kron_obd,kron_obs --reps 5 \
       --out experiments/results/bench_scores_kfac.json
+  python experiments/bench_scores.py --depth 20,32,56,110 --width 16 --only hessian,bilinear \
+      --reps 5 --out experiments/results/bench_scores_depth.json
 """
 
 import argparse
@@ -76,26 +83,12 @@ def peak_bytes(compiled) -> int:
           - m.alias_size_in_bytes)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--depth", type=int, default=32)
-  parser.add_argument("--width", type=int, default=64)
-  parser.add_argument("--batch", type=int, default=64)
-  parser.add_argument("--reps", type=int, default=5)
-  parser.add_argument("--train-bn", action="store_true", help="batch-statistics BatchNorm")
-  parser.add_argument("--only", default="", help="comma-separated subset of the candidates")
-  parser.add_argument("--out", default="experiments/results/bench_scores.json")
-  args = parser.parse_args()
-  enable_compilation_cache()
-
-  objective, params, batch = build(args.depth, args.width, args.batch, args.train_bn)
+def measure(depth: int, args) -> dict:
+  """Compiles every candidate at `depth`, times them interleaved; the record of that depth."""
+  objective, params, batch = build(depth, args.width, args.batch, args.train_bn)
   fns = candidates(objective)
   if args.only:
-    wanted = args.only.split(",")
-    unknown = sorted(set(wanted) - set(fns))
-    if unknown:
-      parser.error(f"--only: unknown candidates {unknown}; accepted: {sorted(fns)}")
-    fns = {k: v for k, v in fns.items() if k == "grad" or k in wanted}
+    fns = {k: v for k, v in fns.items() if k == "grad" or k in args.only.split(",")}
   compiled, memory, compile_s = {}, {}, {}
   for name, fn in fns.items():
     start = time.perf_counter()
@@ -103,7 +96,7 @@ def main():
     compile_s[name] = time.perf_counter() - start
     memory[name] = peak_bytes(compiled[name])
     jax.block_until_ready(compiled[name](params, batch))  # warm-up
-    print(f"compiled {name:9s} in {compile_s[name]:5.1f} s, peak XLA memory "
+    print(f"depth {depth}: compiled {name:9s} in {compile_s[name]:5.1f} s, peak XLA memory "
           f"{memory[name] / 2**20:8.1f} MiB", flush=True)
 
   times = {name: [] for name in fns}
@@ -127,19 +120,63 @@ def main():
     rows.append({"score": name, "median_s": median[name], "times_s": times[name],
                  "ratio_to_grad": ratio, "target_ratio": target, "peak_bytes": memory[name],
                  "memory_ratio_to_grad": mem_ratio, "compile_s": compile_s[name]})
-
   num_params = sum(x.size for x in jax.tree.leaves(params))
+  layers = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(params)
+               if "kernel" in jax.tree_util.keystr(path))
+  return {"model": f"wide ResNet-{depth} (width {args.width}), {num_params} params, "
+                   f"BN {'train' if args.train_bn else 'eval'}",
+          "depth": depth, "layers": layers,
+          "grad_s_per_layer": median["grad"] / layers, "rows": rows}
+
+
+def depth_table(records: list[dict]) -> str:
+  """Cost in gradients per score, and the gradient's time per layer against the first depth."""
+  names = [r["score"] for r in records[0]["rows"] if r["score"] != "grad"]
+  first = records[0]["grad_s_per_layer"]
+  lines = [f"{'depth':>5s} {'layers':>6s} {'grad s':>7s} {'ms/layer':>8s} {'vs first':>8s} "
+           + " ".join(f"{n:>9s}" for n in names)]
+  for r in records:
+    by = {row["score"]: row for row in r["rows"]}
+    lines.append(f"{r['depth']:5d} {r['layers']:6d} {by['grad']['median_s']:7.3f} "
+                 f"{1e3 * r['grad_s_per_layer']:8.2f} {r['grad_s_per_layer'] / first:8.2f} "
+                 + " ".join(f"{by[n]['ratio_to_grad']:9.2f}" for n in names))
+  return "\n".join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--depth", default="32", help="a depth 6n+2, or several: 20,32,56,110")
+  parser.add_argument("--width", type=int, default=64)
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--reps", type=int, default=5)
+  parser.add_argument("--train-bn", action="store_true", help="batch-statistics BatchNorm")
+  parser.add_argument("--only", default="", help="comma-separated subset of the candidates")
+  parser.add_argument("--out", default="experiments/results/bench_scores.json")
+  args = parser.parse_args()
+  enable_compilation_cache()
+  known = set(candidates(build(8, 1, 1, False)[0]))
+  unknown = sorted(set(filter(None, args.only.split(","))) - known)
+  if unknown:
+    parser.error(f"--only: unknown candidates {unknown}; accepted: {sorted(known)}")
+  depths = [int(d) for d in args.depth.split(",")]
+  if any(d < 8 or (d - 2) % 6 for d in depths):
+    parser.error(f"--depth {args.depth}: each depth must be 6n+2 with n >= 1 (8, 20, 32, ...).")
+
+  records = [measure(depth, args) for depth in depths]
   record = {
       "benchmark": "bench_scores", "date": datetime.date.today().isoformat(),
       "command": "python experiments/bench_scores.py " + " ".join(
           f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "out"),
-      "model": f"wide ResNet-{args.depth} (width {args.width}), {num_params} params, "
-               f"BN {'train' if args.train_bn else 'eval'}",
       "batch": args.batch, "reps": args.reps,
       "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                  f"{jax.devices()[0].device_kind}",
-      "jax": jax.__version__, "rows": rows,
+      "jax": jax.__version__,
   }
+  if len(records) == 1:
+    record.update(records[0])
+  else:
+    record["depths"] = records
+    print("\n" + depth_table(records))
   cli.write_json(args.out, record)
   print(f"\nwrote {args.out}")
 

@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,3 +20,16 @@ def test_bench_gpu_runs_at_tiny_size(tmp_path):
     assert sorted(case["rows"]) == ["bilinear", "ggn", "grad", "hessian", "residual"]
     assert all(row["median_s"] > 0 and row["peak_bytes"] > 0 for row in case["rows"].values())
   assert record["latency"]["kept_macs"] <= 0.5 and record["skipped"] == []
+
+
+def test_bench_scores_depth_table_runs_at_tiny_size(tmp_path):
+  out = tmp_path / "depth.json"
+  done = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "bench_scores.py"), "--depth", "8,14",
+       "--width", "2", "--batch", "4", "--reps", "1", "--only", "hessian", "--out", str(out)],
+      capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  record = json.loads(out.read_text())
+  assert [r["depth"] for r in record["depths"]] == [8, 14]
+  assert [r["layers"] for r in record["depths"]] == [10, 16]  # convs, shortcut convs, classifier
+  assert "ms/layer" in done.stdout
