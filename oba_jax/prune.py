@@ -150,6 +150,7 @@ class StepRecord:
     kept_macs: the plan's kept MACs over the dense MACs.
     kept_params: the plan's kept parameters over the dense parameters.
     seconds: wall time of scoring, selection and masking.
+    score_seconds: the part of it spent scoring (compilation included).
   """
 
   step: int
@@ -157,6 +158,7 @@ class StepRecord:
   kept_macs: float
   kept_params: float
   seconds: float
+  score_seconds: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,6 +388,8 @@ def _structured(
       score = importance(config.criterion, masked, batches, num_batches=config.num_batches,
                          key=jax.random.fold_in(key, step), mesh=mesh, progress=progress,
                          batchnorm=config.batchnorm)
+      jax.block_until_ready(score)
+      score_seconds = time.perf_counter() - start
       chosen = plan.select(
           traced,
           structure.group_scores(traced, score, reduction=config.reduction),
@@ -397,7 +401,8 @@ def _structured(
       kept, dense = chosen.predicted, chosen.dense
       seconds = time.perf_counter() - start
       history.append(
-          StepRecord(step, ratio, kept.macs / dense.macs, kept.params / dense.params, seconds)
+          StepRecord(step, ratio, kept.macs / dense.macs, kept.params / dense.params, seconds,
+                     score_seconds)
       )
       if callback is not None:
         callback(history[-1], masked, chosen)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import safetensors.numpy
 import tensorflow_datasets as tfds
@@ -93,6 +94,12 @@ def test_a_paper_cli_scores_as_the_official_pipeline_by_default(tmp_path):
   assert results["compilations"]["total"] > 0  # counted and recorded
   # Compiled once for the one criterion that reads data (oba_bilinear), not once per step.
   assert results["compilations"]["jit(score_step)"] == 1
+  # Where the time went: every part measured, none larger than the whole.
+  parts = results["breakdown"]["seconds"]
+  assert set(parts) == {"dense", "score", "plan", "finetune", "evaluate", "compile"}
+  assert all(0 < v for v in parts.values())
+  assert sum(v for k, v in parts.items() if k != "compile") <= results["wall_seconds"]
+  assert all(np.isfinite(r["loss_after_pruning"]) for r in results["pruned"])
 
 
 def test_unstructured_sweep_from_an_orbax_checkpoint(tmp_path, resnet32_run):

@@ -83,6 +83,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with runtime.Compilations() as compiled:
     results = _run(config, workdir)
   results["compilations"] = compiled.summary()
+  results["breakdown"] = breakdown(results)
   cli.write_json(os.path.join(workdir, RESULTS_FILE), results)
   return results
 
@@ -146,8 +147,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for row, tuned, compacted, mask in prune_one(config, criterion, dense, example, batches,
                                                   test, recalibrate, finetune):
       cli.say(f"evaluating {criterion} at {row['target']}")
+      measured = time.perf_counter()
       row.update(measure(tuned, compacted, test, example, timing_input, config.timing_seconds),
                  max_abs_pruned_weight=max_abs_pruned(functional(tuned)[1], mask))
+      row["evaluate_seconds"] = row.get("evaluate_seconds", 0.0) + time.perf_counter() - measured
       row.update(kept_macs=row["macs"] / dense_row["macs"],
                  kept_params=row["params"] / dense_row["params"],
                  speedup=dense_row["inference_seconds"] / row["inference_seconds"])
@@ -163,6 +166,29 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   print(TIMING_NOTE.format(batch=config.timing_batch, seconds=config.timing_seconds))
   print(f"\nwrote {os.path.join(workdir, RESULTS_FILE)}")
   return results
+
+
+def breakdown(results: dict) -> dict:
+  """Where a run's wall time went, in seconds and as fractions of it.
+
+  "dense" (training or reading it, and its evaluation), "score" (importance),
+  "plan" (selection and masking), "finetune", "evaluate" (after pruning, after
+  fine-tuning, compaction and inference timing); "compile" is XLA's tracing,
+  lowering and compiling, which happens inside the others and is not added. Unstructured
+  runs count their scoring under "plan".
+  """
+  rows = results["pruned"]
+  seconds = {
+      "dense": results["dense"]["wall_seconds"],
+      "score": sum(r.get("score_seconds", 0.0) for r in rows),
+      "plan": sum(r["prune_seconds"] - r.get("score_seconds", 0.0) for r in rows),
+      "finetune": sum(r.get("finetune_seconds", 0.0) for r in rows),
+      "evaluate": sum(r.get("evaluate_seconds", 0.0) for r in rows),
+      "compile": results["compilations"]["seconds"],
+  }
+  total = results["wall_seconds"]
+  return {"total_seconds": total, "seconds": seconds,
+          "fractions": {k: v / total for k, v in seconds.items()}}
 
 
 def importance_settings(config: ml_collections.ConfigDict) -> dict:
@@ -260,11 +286,15 @@ def _structured(config, criterion, dense, example, batches, test, recalibrate, f
 
   def tune(masked, plan, target):
     mask = masks.from_plan(plan.structure, plan, functional(masked)[1])
+    start = time.perf_counter()
     masked = recalibrate(masked)
-    accuracy = evaluate(masked, test())["accuracy"]
+    after = evaluate(masked, test())
+    evaluate_seconds = time.perf_counter() - start
     tuned, seconds = finetune(masked, mask, os.path.join(criterion, str(target)),
                               {"plan": plan.to_json()})
-    pruned[target] = {"accuracy_after_pruning": accuracy, "finetune_seconds": seconds}
+    pruned[target] = {"accuracy_after_pruning": after["accuracy"],
+                      "loss_after_pruning": after["loss"], "finetune_seconds": seconds,
+                      "evaluate_seconds": evaluate_seconds}
     return tuned, mask
 
   if config.mode == "iterative":
@@ -297,7 +327,8 @@ def _structured(config, criterion, dense, example, batches, test, recalibrate, f
 
 def _structured_row(criterion, target, result, pruned) -> dict:
   return {"criterion": criterion, "target": target, **pruned,
-          "prune_seconds": sum(step.seconds for step in result.history)}
+          "prune_seconds": sum(step.seconds for step in result.history),
+          "score_seconds": sum(step.score_seconds for step in result.history)}
 
 
 def _unstructured(config, criterion, dense, example, batches, test, recalibrate, finetune):
@@ -313,10 +344,13 @@ def _unstructured(config, criterion, dense, example, batches, test, recalibrate,
   results = prune.unstructured(dense, batches, settings, key=jax.random.key(config.seed),
                                callback=say_density)
   for result in results:
+    start = time.perf_counter()
     masked = recalibrate(result.masked)
+    after = evaluate(masked, test())
     row = {"criterion": criterion, "target": result.density,
            "density": 1.0 - masks.sparsity(result.mask).total,
-           "accuracy_after_pruning": evaluate(masked, test())["accuracy"],
+           "accuracy_after_pruning": after["accuracy"], "loss_after_pruning": after["loss"],
+           "evaluate_seconds": time.perf_counter() - start,
            "prune_seconds": sum(step.seconds for step in result.history)}
     tuned, row["finetune_seconds"] = finetune(masked, result.mask,
                                               os.path.join(criterion, str(result.density)))
