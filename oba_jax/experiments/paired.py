@@ -1,0 +1,78 @@
+"""Paired comparison of criteria over seeds: each criterion's difference to a baseline.
+
+Within one seed every criterion starts from the same dense model, reads the same
+importance (or calibration) batches and fine-tunes on the same data order, so the
+seed's own luck cancels in the difference `metric(criterion) - metric(baseline)`.
+Over n seeds the mean difference gets a Student-t interval (n - 1 degrees of freedom);
+a difference is called significant when its interval excludes zero. Rows are the
+pipeline's `results["pruned"]` entries (with the run's seed added) or a text run's
+`results["runs"]`: dicts with "criterion", "target", "seed" and the metric.
+"""
+
+import collections
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from scipy import stats
+
+
+def pipeline_rows(results: Iterable[dict]) -> list[dict]:
+  """The pruned rows of several pipeline `results.json` (one per seed), each with its seed."""
+  return [dict(row, seed=r["config"]["seed"]) for r in results for row in r["pruned"]]
+
+
+def paired_differences(rows: Sequence[dict], metric: str, *, baseline: str = "magnitude",
+                       level: float = 0.95) -> list[dict]:
+  """Per (criterion, target): the mean of `metric`, and its paired difference to `baseline`.
+
+  Returns one dict per criterion other than the baseline and target: "criterion",
+  "target", "n" (seeds), "mean", "baseline_mean", "difference" (mean over seeds of
+  the per-seed difference), "low"/"high" (its `level` t-interval; NaN with one
+  seed) and "significant". Raises ValueError when a criterion and the baseline
+  were not run on the same seeds at a target (the comparison would not be paired).
+  """
+  by = collections.defaultdict(dict)
+  for row in rows:
+    key = (row["criterion"], row["target"])
+    if row["seed"] in by[key]:
+      raise ValueError(f"two rows for criterion {key[0]!r}, target {key[1]} and seed "
+                       f"{row['seed']}: one run per seed.")
+    by[key][row["seed"]] = float(row[metric])
+  criteria = list(dict.fromkeys(c for c, _ in by))
+  if baseline not in criteria:
+    raise ValueError(f"baseline {baseline!r} is not among the criteria {criteria}.")
+  out = []
+  for (criterion, target), values in by.items():
+    if criterion == baseline:
+      continue
+    base = by.get((baseline, target), {})
+    if set(values) != set(base):
+      raise ValueError(f"{criterion!r} at target {target} ran on seeds {sorted(values)} and "
+                       f"the baseline {baseline!r} on {sorted(base)}: not paired.")
+    seeds = sorted(values)
+    d = np.asarray([values[s] - base[s] for s in seeds])
+    n = len(d)
+    if n > 1:
+      half = stats.t.ppf(0.5 + level / 2, n - 1) * d.std(ddof=1) / np.sqrt(n)
+    else:
+      half = float("nan")
+    low, high = d.mean() - half, d.mean() + half
+    out.append({"criterion": criterion, "target": target, "n": n,
+                "mean": float(np.mean([values[s] for s in seeds])),
+                "baseline_mean": float(np.mean([base[s] for s in seeds])),
+                "difference": float(d.mean()), "low": float(low), "high": float(high),
+                "significant": bool(n > 1 and (low > 0 or high < 0))})
+  return out
+
+
+def markdown(rows: Sequence[dict], metric: str, baseline: str, *,
+             higher_is_better: bool = True) -> str:
+  """A table: criterion, target, n, mean, difference to the baseline [interval], significance."""
+  lines = [f"| criterion | target | n | {metric} | − {baseline} (95% CI) | significant |",
+           "|---|---|---|---|---|---|"]
+  for r in sorted(rows, key=lambda r: (-r["target"], r["criterion"])):
+    better = (r["difference"] > 0) == higher_is_better
+    mark = ("**yes, better**" if better else "**yes, worse**") if r["significant"] else "no"
+    lines.append(f"| {r['criterion']} | {r['target']:g} | {r['n']} | {r['mean']:.4f} | "
+                 f"{r['difference']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}] | {mark} |")
+  return "\n".join(lines)
