@@ -300,7 +300,7 @@ def test_products_are_found_in_the_jaxpr():
 def test_equals_residual_on_relu_nets_with_fixed_statistics(name):
   if name == "resnet_bn_eval":
     objective, params, batch = resnet_problem(train=False)
-    loss, model_fn, output_loss = objective
+    loss, model_fn, output_loss = objective.loss, objective.model, objective.output_loss
   else:
     loss, _, params, batch = PROBLEMS[name]()
     # Split the loss at the logits for the Gauss-Newton part; the bilinear score needs only loss.
