@@ -8,6 +8,46 @@ import jax
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "oba_jax", "jax")
 
 
+# XLA:CPU's pass that removes `optimization_barrier`s (named "cse_barrier_expander").
+BARRIER_EXPANDER = "cse_barrier_expander"
+
+
+def keep_optimization_barriers() -> bool:
+  """Keeps `jax.lax.optimization_barrier` in XLA:CPU programs compiled by this process.
+
+  XLA:CPU removes the barriers before fusion; then its fusion pass may duplicate a
+  chain of elementwise ops into every consumer, e.g. a ResNet's residual stream,
+  whose gradient then costs quadratically in depth (ResNetCIFAR puts a barrier
+  after every block). Disabling that pass keeps them, and barriers emitted by
+  `jax.checkpoint` too. Appends `--xla_disable_hlo_passes=cse_barrier_expander` to
+  XLA_FLAGS (merged with a list already there), which XLA reads when JAX's backends
+  start: call before the first computation. Returns whether the flag is in effect
+  (False when the backends had started without it). For one computation instead:
+  `jax.jit(f).lower(...).compile({"xla_disable_hlo_passes": "cse_barrier_expander"})`.
+  """
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  for i, flag in enumerate(flags):
+    if flag.startswith("--xla_disable_hlo_passes="):
+      passes = flag.split("=", 1)[1].split(",")
+      if BARRIER_EXPANDER in passes:
+        return True
+      if _backends_started():
+        return False
+      flags[i] = flag + "," + BARRIER_EXPANDER
+      break
+  else:
+    if _backends_started():
+      return False
+    flags.append(f"--xla_disable_hlo_passes={BARRIER_EXPANDER}")
+  os.environ["XLA_FLAGS"] = " ".join(flags)
+  return True
+
+
+def _backends_started() -> bool:
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  return xla_bridge.backends_are_initialized()
+
+
 def enable_compilation_cache(path: str | None = None) -> str:
   """Turns on JAX's persistent compilation cache (a rerun skips XLA compiles)."""
   path = path or os.environ.get("OBA_JAX_CACHE", DEFAULT_CACHE)

@@ -63,3 +63,45 @@ def test_models_by_name():
   assert isinstance(model, ResNetCIFAR)
   with pytest.raises(ValueError, match=r"unknown model 'resnet18'; accepted: \["):
     models.create("resnet18")
+
+
+def _fused_instructions(hlo: str) -> int:
+  """Instructions inside the entry computation's fusions (duplicated ones counted each time)."""
+  import re
+  bodies = {m.group(1).lstrip("%"): m.group(2).count("\n") + 1
+            for m in re.finditer(r"^(%?[\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M)}
+  entry = re.search(r"^ENTRY [^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M).group(1)
+  return sum(bodies[m.group(1)] for m in re.finditer(r"fusion\(.*calls=%?([\w.\-]+)", entry))
+
+
+def test_block_outputs_pass_an_optimization_barrier():
+  model = ResNetCIFAR(14, width=2, rngs=nnx.Rngs(0))
+  apply_fn, params = oba_jax.functional(model)
+  jaxpr = str(jax.make_jaxpr(apply_fn)(params, jnp.ones((1, 8, 8, 3))))
+  assert jaxpr.count("optimization_barrier") == len(model.blocks) == 6
+
+
+def test_gradient_program_grows_linearly_with_depth_when_barriers_are_kept():
+  """XLA:CPU without the barriers fuses the residual chain of every earlier block into each
+  block's consumers (quadratic in depth); with them kept, the program is linear in depth
+  and the loss and gradient are the same up to float32 reordering (bitwise at width 16)."""
+  from oba_jax.runtime import BARRIER_EXPANDER
+  keep = {"xla_disable_hlo_passes": BARRIER_EXPANDER}
+  sizes = {}
+  for depth in (14, 26, 38):  # 2, 4 and 6 blocks per stage
+    model = ResNetCIFAR(depth, width=2, rngs=nnx.Rngs(0))
+    model.train()
+    apply_fn, params = oba_jax.functional(model)
+    loss = oba_jax.classification(apply_fn).loss
+    batch = {"image": jax.random.normal(jax.random.key(1), (4, 8, 8, 3)),
+             "label": jnp.arange(4) % 10}
+    lowered = jax.jit(jax.value_and_grad(loss)).lower(params, batch)
+    kept = lowered.compile(keep)
+    assert "opt-barrier" in kept.as_text()
+    default, barriers = lowered.compile()(params, batch), kept(params, batch)
+    assert default[0] == barriers[0]
+    for a, b in zip(jax.tree.leaves(default[1]), jax.tree.leaves(barriers[1])):
+      assert jnp.max(jnp.abs(a - b)) <= 1e-4 * jnp.max(jnp.abs(a))
+    sizes[depth] = _fused_instructions(kept.as_text())
+  # Each 6 more blocks add as much fused code (1.00 with the barriers; 1.21 without).
+  assert sizes[38] - sizes[26] <= 1.05 * (sizes[26] - sizes[14])

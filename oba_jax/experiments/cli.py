@@ -29,7 +29,7 @@ from ml_collections import config_flags
 
 from oba_jax import data
 
-from oba_jax.runtime import enable_compilation_cache
+from oba_jax.runtime import enable_compilation_cache, keep_optimization_barriers
 
 CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
@@ -295,6 +295,7 @@ def main(get_config: Callable[[], ml_collections.ConfigDict],
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    keep_optimization_barriers()
     enable_compilation_cache()
     try:
       run(flags.FLAGS.config, flags.FLAGS.workdir)

@@ -5,6 +5,16 @@ Depth 6n+2: a 3x3 stem, three stages of n BasicBlocks with widths
 16/32/64), stride 2 at the start of stages 2 and 3 with a 1x1 conv + BN
 projection shortcut, global average pooling and one dense classifier. Wide
 ResNet-32 has 7.43 M parameters and ResNet-20 4.33 M (10 classes).
+
+Each block's output passes through `jax.lax.optimization_barrier`. Without it,
+XLA:CPU's fusion pass duplicates the elementwise residual chain (BatchNorm, add,
+ReLU of every earlier block of the stage) into each consumer of a block output
+(the next block's add, the transposed input of its weight-gradient conv, the
+ReLU masks of the backward pass), so the gradient's cost grows quadratically
+with depth (experiments/RESULTS.md, "Gradient cost against depth on XLA:CPU").
+XLA:CPU drops optimization barriers by default; `oba_jax.runtime.
+keep_optimization_barriers()` (called by the command-line tools) keeps them.
+Values are unchanged: the barrier is an identity.
 """
 
 import jax
@@ -52,5 +62,5 @@ class ResNetCIFAR(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.stem(x)
     for block in self.blocks:
-      x = block(x)
+      x = jax.lax.optimization_barrier(block(x))  # no fusion across blocks (see module doc)
     return self.classifier(jnp.mean(x, axis=(1, 2)))
