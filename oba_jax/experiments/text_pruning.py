@@ -372,8 +372,8 @@ def plot(results: dict, path: str) -> None:
       points = np.asarray(by_target[target])
       xs.append(points[:, 0].mean())
       ys.append(points[:, 1].mean())
-      lo.append(ys[-1] - points[:, 1].min())
-      hi.append(points[:, 1].max() - ys[-1])
+      lo.append(max(ys[-1] - points[:, 1].min(), 0.0))  # equal values: the mean may be off
+      hi.append(max(points[:, 1].max() - ys[-1], 0.0))    # by one rounding step
     ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=name)
   ax.axhline(results["dense"][metric], color="k", ls="--", lw=1, label="dense")
   ax.set_xlabel("kept fraction of parameters")
