@@ -75,6 +75,8 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
+from oba_jax.jaxpr_calls import CUSTOM_JVP, INLINED, call_body
+
 PyTree = Any
 
 # Primitives linear in all their (floating) inputs together: no curvature, bound as they are.
@@ -94,11 +96,6 @@ PIECEWISE_LINEAR = frozenset({
 })
 PRODUCTS = frozenset({"dot_general", "conv_general_dilated", "mul"})
 MATRIX_PRODUCTS = frozenset({"dot_general", "conv_general_dilated"})
-# Calls whose bodies are evaluated in place; the parameter holding the body.
-INLINED = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
-           "remat2": "jaxpr", "checkpoint": "jaxpr", "custom_vjp_call": "call_jaxpr",
-           "custom_vjp_call_jaxpr": "fun_jaxpr"}
-CUSTOM_JVP = "custom_jvp_call"
 
 
 class Flags(NamedTuple):
@@ -137,12 +134,6 @@ def _product_kind(name: str, flags: Sequence[Flags]) -> str | None:
   return None
 
 
-def _body(eqn):
-  """(jaxpr, consts) of an equation's single sub-jaxpr, for inlined calls."""
-  sub = eqn.params[INLINED.get(eqn.primitive.name, "call_jaxpr")]
-  if isinstance(sub, jcore.ClosedJaxpr):
-    return sub.jaxpr, sub.consts
-  return sub, ()
 
 
 def _needed(jaxpr) -> list:
@@ -174,7 +165,7 @@ def _find_products(jaxpr, in_flags: Sequence[Flags], found: list) -> list[Flags]
     flags = [read(v) for v in eqn.invars]
     name = eqn.primitive.name
     if name in INLINED or name == CUSTOM_JVP:
-      outs = _find_products(_body(eqn)[0], flags, found)
+      outs = _find_products(call_body(eqn)[0], flags, found)
     else:
       kind = _product_kind(name, flags)
       if kind is not None:
@@ -206,7 +197,7 @@ def _is_curvature_free(jaxpr) -> bool:
     flags = [read(v) for v in eqn.invars]
     name = eqn.primitive.name
     if name in INLINED or name == CUSTOM_JVP:
-      if any(f.params for f in flags) and not _is_curvature_free(_body(eqn)[0]):
+      if any(f.params for f in flags) and not _is_curvature_free(call_body(eqn)[0]):
         return False
     elif any(f.params for f in flags) and any(_is_float(v.aval) for v in eqn.outvars) \
         and not _binds_as_is(name, flags):
@@ -267,10 +258,10 @@ def _eval(jaxpr, consts: Sequence[Any], args: Sequence[Any], in_flags: Sequence[
     name = eqn.primitive.name
     if not any(f.params for f in flags):  # constant in the parameters: nothing to change
       outs, out_flags = _bind(eqn, values), _out_flags(eqn, flags)
-    elif name in INLINED or (name == CUSTOM_JVP and _has_products(_body(eqn)[0], flags)):
-      body, body_consts = _body(eqn)
+    elif name in INLINED or (name == CUSTOM_JVP and _has_products(call_body(eqn)[0], flags)):
+      body, body_consts = call_body(eqn)
       outs, out_flags = _eval(body, body_consts, values, flags)
-    elif _binds_as_is(name, flags) or (name == CUSTOM_JVP and _is_curvature_free(_body(eqn)[0])):
+    elif _binds_as_is(name, flags) or (name == CUSTOM_JVP and _is_curvature_free(call_body(eqn)[0])):
       outs, out_flags = _bind(eqn, values), _out_flags(eqn, flags)
     else:
       if name != CUSTOM_JVP and _sub_jaxprs(eqn):

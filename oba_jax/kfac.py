@@ -56,7 +56,7 @@ Why our own factors: PyPI's `kfac-jax` 0.0.8 (the newest offered here) needs
 internals that jax 0.10 deprecates, and needs the loss registered by hand inside
 the model. The factors take a page of code with the jaxpr walk below.
 
-This module imports nothing from oba_jax but `delta` (for leaf paths).
+This module imports nothing from oba_jax but `delta` (for leaf paths) and `jaxpr_calls`.
 """
 
 import dataclasses
@@ -70,16 +70,12 @@ import numpy as np
 from jax.extend import core as jcore
 
 from oba_jax.delta import path_str
+from oba_jax.jaxpr_calls import CUSTOM_JVP, INLINED, call_body
 
 PyTree = Any
 ModelFn = Callable[[PyTree, PyTree], jax.Array]
 
 LAYERS = ("dot_general", "conv_general_dilated")
-# Calls whose bodies are walked in place; the parameter holding the body.
-INLINED = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
-           "remat2": "jaxpr", "checkpoint": "jaxpr", "custom_vjp_call": "call_jaxpr",
-           "custom_vjp_call_jaxpr": "fun_jaxpr"}
-CUSTOM_JVP = "custom_jvp_call"
 KERNEL_VIEWS = ("convert_element_type", "copy", "copy_p", "transpose")  # keep entries apart
 BIAS_VIEWS = ("convert_element_type", "copy", "copy_p", "reshape", "broadcast_in_dim")
 HIGHEST = jax.lax.Precision.HIGHEST  # factors in full float32 (no TF32 on GPUs)
@@ -154,11 +150,6 @@ class _Walk:
     self.inputs: list[jax.Array] = []
 
 
-def _body(eqn):
-  sub = eqn.params[INLINED.get(eqn.primitive.name, "call_jaxpr")]
-  if isinstance(sub, jcore.ClosedJaxpr):
-    return sub.jaxpr, sub.consts
-  return sub, ()
 
 
 def _has_layers(jaxpr) -> bool:
@@ -183,8 +174,8 @@ def _walk(jaxpr, consts, args, tags, walk: _Walk) -> tuple[list, list]:
     values, in_tags = [read(v) for v in eqn.invars], [read_tag(v) for v in eqn.invars]
     name = eqn.primitive.name
     kernel_in = any(isinstance(t.view, _View) for t in in_tags)
-    if name in INLINED or (name == CUSTOM_JVP and kernel_in and _has_layers(_body(eqn)[0])):
-      body, body_consts = _body(eqn)
+    if name in INLINED or (name == CUSTOM_JVP and kernel_in and _has_layers(call_body(eqn)[0])):
+      body, body_consts = call_body(eqn)
       outs, out_tags = _walk(body, body_consts, values, in_tags, walk)
     elif name in LAYERS and _layer_operands(in_tags) is not None:
       outs, out_tags = _apply_layer(eqn, values, in_tags, walk)

@@ -294,17 +294,7 @@ def test_parameters_outside_layers_score_zero():
 
 # --- through the criteria --------------------------------------------------------------
 
-
-class TinyNet(nnx.Module):
-  """conv -> BatchNorm -> ReLU -> mean -> dense."""
-
-  def __init__(self, rngs: nnx.Rngs):
-    self.conv = nnx.Conv(1, 4, (3, 3), rngs=rngs)
-    self.bn = nnx.BatchNorm(4, rngs=rngs)
-    self.classifier = nnx.Linear(4, 10, rngs=rngs)
-
-  def __call__(self, x):
-    return self.classifier(jnp.mean(nnx.relu(self.bn(self.conv(x))), axis=(1, 2)))
+from test_prune import TinyNet  # conv -> BatchNorm -> ReLU -> mean -> dense  # noqa: E402
 
 
 BATCH = {"image": jax.random.normal(jax.random.key(1), (8, 6, 6, 1)),
