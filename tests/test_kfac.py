@@ -15,7 +15,8 @@ from flax import nnx
 import oba_jax
 from oba_jax import criteria, kfac, scores
 from oba_jax.delta import removal_delta
-from numerics import x64  # noqa: F401  (x64: float64 for every test)
+from numerics import x64
+from test_prune import TinyNet  # conv -> BatchNorm -> ReLU -> mean -> dense  # noqa: F401  (x64: float64 for every test)
 
 KEY = jax.random.key(3)
 FACTOR_RTOL = 1e-10
@@ -293,8 +294,6 @@ def test_parameters_outside_layers_score_zero():
 
 
 # --- through the criteria --------------------------------------------------------------
-
-from test_prune import TinyNet  # conv -> BatchNorm -> ReLU -> mean -> dense  # noqa: E402
 
 
 BATCH = {"image": jax.random.normal(jax.random.key(1), (8, 6, 6, 1)),
