@@ -15,8 +15,8 @@ from flax import nnx
 import oba_jax
 from oba_jax import criteria, kfac, scores
 from oba_jax.delta import removal_delta
-from numerics import x64
-from test_prune import TinyNet  # conv -> BatchNorm -> ReLU -> mean -> dense  # noqa: F401  (x64: float64 for every test)
+from numerics import x64  # noqa: F401  (x64: float64 for every test)
+from test_prune import TinyNet  # conv -> BatchNorm -> ReLU -> mean -> dense
 
 KEY = jax.random.key(3)
 FACTOR_RTOL = 1e-10
