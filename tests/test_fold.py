@@ -142,19 +142,24 @@ def test_folds_a_compacted_model():
   assert_same_outputs(folded, small, X)
 
 
-def test_folded_model_saves_and_restores_into_an_abstract_fold(tmp_path):
-  model = randomized(ResNetCIFAR(8, width=4, rngs=nnx.Rngs(0)))
-  folded, _ = surgery.fold_batchnorm(model, X[:1])
+def test_compacted_folded_model_saves_and_restores(tmp_path):
+  model = randomized(ResNetCIFAR(8, width=8, rngs=nnx.Rngs(0)))
+  structure = trace(model, X[:1])
+  scores = {g.name: np.random.default_rng(0).random(g.size) for g in structure.groups}
+  chosen = plan.select(structure, scores, target=plan.KeptFlops(0.5))
+  folded, pairs = surgery.fold_batchnorm(surgery.compact(model, chosen), X[:1])
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(tmp_path / "folded", nnx.state(folded))
   checkpointer.wait_until_finished()
 
-  def build():  # a new process knows the architecture only
-    dense = ResNetCIFAR(8, width=4, rngs=nnx.Rngs(1))
-    dense.eval()
-    return surgery.fold_batchnorm(dense, X[:1])[0]
-
-  graphdef, state = nnx.split(nnx.eval_shape(build))
+  # A new process knows the architecture and the plan: compact and fold the abstract model.
+  abstract = nnx.eval_shape(lambda: ResNetCIFAR(8, width=8, rngs=nnx.Rngs(1)))
+  abstract.eval()
+  saved = plan.Plan.from_json(chosen.to_json())
+  rebuilt, rebuilt_pairs = surgery.fold_batchnorm(
+      surgery.compact(abstract, saved, trace(abstract, X[:1])), X[:1])
+  assert rebuilt_pairs == pairs
+  graphdef, state = nnx.split(rebuilt)
   restored = nnx.merge(graphdef, checkpointer.restore(tmp_path / "folded", state))
   np.testing.assert_array_equal(restored(X), folded(X))
 
