@@ -90,7 +90,8 @@ def without_convs(model: nnx.Module, x) -> tuple:
 
   Timing it measures everything but the convolutions (BatchNorm, ReLU, adds, pooling,
   the classifier) as one program, fused as XLA fuses it; the convs' operands are
-  returned so that XLA keeps the work that feeds them. Parameters are arguments.
+  returned so that XLA keeps the work that feeds them. Parameters are arguments. Only
+  top-level convs are replaced (those of the models here).
   """
   closed = jax.make_jaxpr(lambda x: model(x))(x)
   j = closed.jaxpr
