@@ -6,8 +6,9 @@ with `s = scale / sqrt(var + epsilon)`. When `x` is exactly the output of an
 kernel `W * s` (scaled along its output-feature axis, which is also right for
 grouped and depthwise convs) and bias `(b - mean) * s + beta`. `fold_batchnorm`
 builds that layer and replaces the BatchNorm by `Identity`, so the normalisation's
-elementwise passes over the activations leave the compiled program. It is the
-last step of an inference export, after `surgery.compact`.
+operations leave the compiled program (on XLA:CPU, which fuses them with the convs,
+that measured as no speed-up: experiments/RESULTS.md). It is the last step of an
+inference export, after `surgery.compact`.
 
 Which BatchNorm feeds on which layer is read from the dataflow of the jaxpr of
 one forward pass, not from attribute names: each parameter leaf belongs to the
@@ -18,10 +19,10 @@ the very variable the BatchNorm's chain starts from, nothing else reads that
 variable, each chain is exactly its module's call (conv or matmul, then the bias
 add if any; sub, mul, then the shift if any), each module's parameters meet the
 data in that chain only (a module called twice, or a parameter also read
-elsewhere, does not fold), the BatchNorm
-normalises the last axis, and both are of the exact Flax types (a subclass may
-compute something else). Calls (`jit`, `custom_jvp`, `remat`) are walked
-through; loops (`scan`, `while`, `cond`) are not, so layers inside them stay.
+elsewhere, does not fold), the BatchNorm normalises the last axis, and both are
+of the exact Flax types (a subclass may compute something else). Calls (`jit`,
+`custom_jvp`, `remat`) are walked through; loops (`scan`, `while`, `cond`) are
+not, so layers inside them stay.
 
 This module imports only the structure tracer; `surgery` re-exports it.
 """
