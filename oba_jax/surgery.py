@@ -26,6 +26,10 @@ flagged `normalized`, whose removal changes a normalisation's statistics.
 Abstract models (`nnx.eval_shape`) compact too, which is how a compacted
 checkpoint is restored: rebuild the dense abstract model, compact it with the
 saved plan, restore into it.
+
+`fold_batchnorm(model, x)` (from `oba_jax.fold`) folds inference-mode BatchNorms
+into the conv or dense layer before them: the last step of a fast inference
+export, after `compact`.
 """
 
 import collections
@@ -37,6 +41,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from oba_jax import fold as _fold
 from oba_jax.delta import path_str
 from oba_jax.models.vit import MultiHeadAttention
 from oba_jax.structure.groups import Structure
@@ -53,6 +58,9 @@ if TYPE_CHECKING:
 Factors = Callable[..., tuple[int, ...] | None]
 Resizer = Callable[[nnx.Module, Factors], None]
 _RESIZERS: dict[type, Resizer] = {}
+
+fold_batchnorm, foldable_batchnorms, Identity = (
+    _fold.fold_batchnorm, _fold.foldable_batchnorms, _fold.Identity)
 
 
 class CompactionError(ValueError):
