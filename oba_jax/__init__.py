@@ -11,7 +11,7 @@ Modules, one concept each:
   flops       MACs and parameter counts from the jaxpr
   plan        targets (KeptFlops, KeptParams, Density), global/local selection, schedules
   masks       structured and unstructured masks, the keep_pruned optax wrapper
-  surgery     physical compaction into a smaller NNX module
+  surgery     physical compaction into a smaller NNX module; BatchNorm folding (fold)
   kfac        Kronecker-factored (K-FAC) Fisher blocks of dense and conv layers, from the jaxpr
   criteria    criteria by name (CRITERIA) and their mean score over batches (importance)
   prune       the pruning pipelines: StructuredConfig, one_shot, iterative; UnstructuredConfig,
