@@ -66,13 +66,14 @@ def main():
     a, b = ravel_pytree(host["pod"])[0], ravel_pytree(host["one"])[0]
     groups = {w: {g: np.asarray(v) for g, v in structure.group_scores(
         traced, host[w], reduction=config.reduction).items()} for w in host}
-    same_plans, differing = [], []
+    same_plans, differing, removed_count = [], [], {}
     for target in targets:
       removed = [plan.select(traced, groups[w], target=plan.KeptParams(target),
                              max_ratio=config.max_ratio).removed for w in ("one", "pod")]
       same_plans.append(all(np.array_equal(removed[0][g], removed[1][g]) for g in removed[0]))
       # Units removed by one plan and not the other (near-ties flip at float32 precision).
       differing.append(sum(len(set(removed[0][g]) ^ set(removed[1][g])) for g in removed[0]))
+      removed_count[str(target)] = int(sum(len(v) for v in removed[0].values()))
     split = sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(out["pod"]))
     rows[name] = {
         "relative_error": float(np.linalg.norm(a - b) / np.linalg.norm(b)),
@@ -82,9 +83,7 @@ def main():
                   / max(np.abs(groups["one"][g]).max(), 1e-30)) for g in groups["one"]),
         "same_plan_at": dict(zip(map(str, targets), same_plans)),
         "units_in_one_plan_only": dict(zip(map(str, targets), differing)),
-        "units_removed": {str(t): int(sum(len(v) for v in plan.select(
-            traced, groups["one"], target=plan.KeptParams(t),
-            max_ratio=config.max_ratio).removed.values())) for t in targets},
+        "units_removed": removed_count,
         "split_score_leaves": split, "seconds": seconds}
     print(name, rows[name])
 

@@ -52,21 +52,21 @@ def _smoke(config):
                             "targets": "0.9,0.8", "measure_cost": False})
 
 
-# One compiled forward pass for every model of the same shapes (each criterion and target).
-_forward = jax.jit(lambda model, tokens: model(tokens))
+@jax.jit  # one compiled pass for every model of the same shapes (each criterion and target)
+def _nll_sum(model: nnx.Module, batch) -> tuple[jax.Array, jax.Array]:
+  """The summed next-token NLL of one batch and its number of targets (`next_token`'s loss)."""
+  objective = next_token(lambda _, tokens: model(tokens))
+  count = objective.output_weights(batch).sum()
+  return objective.loss(None, batch) * jnp.maximum(count, 1.0), count
 
 
 def perplexity(model: nnx.Module, batches) -> dict:
   """exp(mean next-token NLL over all unpadded targets), and that NLL and the token count."""
   total, count = 0.0, 0
   for batch in batches:
-    logits = _forward(model, jnp.asarray(batch["tokens"])).astype(jnp.float32)
-    targets = batch["tokens"][:, 1:]
-    weights = batch["mask"][:, 1:].astype(np.float64)
-    logp = jax.nn.log_softmax(logits[:, :-1])
-    nll = -np.asarray(jnp.take_along_axis(logp, jnp.asarray(targets)[..., None], -1)[..., 0])
-    total += float((nll * weights).sum())
-    count += int(weights.sum())
+    nll, n = _nll_sum(model, {"tokens": batch["tokens"], "mask": batch["mask"]})
+    total += float(nll)
+    count += int(n)
   return {"perplexity": float(np.exp(total / count)), "nll": total / count, "tokens": count}
 
 
