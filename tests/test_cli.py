@@ -87,3 +87,13 @@ def test_a_bad_value_is_one_paragraph_before_any_work(tmp_path):
   assert out.returncode == 2
   assert out.stderr.strip().endswith("ValueError: finetune: learning_rate=-1.0 must be > 0.")
   assert "Traceback" not in out.stderr and not os.path.exists(tmp_path / cli.CONFIG_FILE)
+
+
+def test_model_arguments_the_default_does_not_name_are_added_with_their_type():
+  base = ml_collections.ConfigDict(dict(model_kwargs=ml_collections.ConfigDict(),
+                                        steps=1))
+  extended = cli.with_open_keys(base, [
+      "--config.model_kwargs.image_size=28", "--config.model_kwargs.scale=0.5",
+      "--config.model_kwargs.norm=layer", "--config.steps=3", "--config.other.x=1"])
+  assert extended.model_kwargs.to_dict() == {"image_size": 28, "scale": 0.5, "norm": "layer"}
+  assert extended.steps == 1 and "other" not in extended  # only open dicts take new keys

@@ -12,10 +12,11 @@ import tensorflow_datasets as tfds
 
 import clis
 from oba_jax import models, weights
-from oba_jax.experiments import (cli, pipeline, resnet32_cifar, resnet50_imagenet, unstructured,
-                                 vgg19_cifar, vit_b16_imagenet)
+from oba_jax.experiments import (cli, compare_criteria, pipeline, resnet32_cifar,
+                                 resnet50_imagenet, unstructured, vgg19_cifar, vit_b16_imagenet)
 
-CLIS = (vgg19_cifar, resnet32_cifar, unstructured, resnet50_imagenet, vit_b16_imagenet)
+CLIS = (vgg19_cifar, resnet32_cifar, unstructured, resnet50_imagenet, vit_b16_imagenet,
+        compare_criteria)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -149,9 +150,21 @@ def test_vit_b16_keeps_the_patch_embedding(tmp_path):
   assert results["pruned"][0]["macs"] < results["dense"]["macs"]
 
 
+def test_one_run_compares_a_criterion_under_both_reductions(tmp_path):
+  """"oba@sum" is a criterion of its own in the paired run: same dense model, own rows."""
+  results = run(compare_criteria, tmp_path, criteria="magnitude,oba,oba@sum", targets=(0.5,))
+  check_consistent(results, ["magnitude", "oba", "oba@sum"], [0.5])
+  assert results["importance"]["criteria"] == ["magnitude", "oba", "oba@sum"]
+  assert os.path.isdir(tmp_path / "oba@sum" / "0.5")
+
+
 @pytest.mark.parametrize("overrides, error, message", [
     (dict(model="vgg7"), ValueError, r"model='vgg7' is not supported; accepted: \["),
     (dict(criteria="oba,hessian"), ValueError, r"unknown \['hessian'\]; accepted: \["),
+    (dict(criteria="oba@max"), ValueError, r"'oba@max' asks for reduction 'max'; accepted: "),
+    (dict(criteria="oba,oba"), ValueError, r"names a criterion twice"),
+    (dict(mode="unstructured", criteria="oba@sum", targets=(0.5,)), ValueError,
+     r"in the structured modes only"),
     (dict(mode="greedy"), ValueError, r"mode='greedy' is not supported"),
     (dict(targets=(1.5,)), ValueError, r"target=1.5 .* must be a kept-FLOPs ratio in \(0, 1\]"),
     (dict(targets=(0.0,)), ValueError, r"target=0.0 .* in \(0, 1\]"),

@@ -14,6 +14,7 @@ refuses, before any work and without touching a file, a directory that holds a
 run of another configuration. Results are written atomically.
 """
 
+import ast
 import difflib
 import fcntl
 import json
@@ -35,6 +36,8 @@ CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 # Keys that do not change what a run computes, so a rerun may change them.
 RUNTIME_KEYS = frozenset({"progress", "log_every", "timing_seconds"})
+# Config dicts that take any key: model constructor arguments (`models.create`).
+OPEN_KEYS = ("model_kwargs", "smoke_model_kwargs")
 HELP_FLAGS = ("--help", "-h", "--helpshort", "-?")
 WORKDIR_HELP = ("where checkpoints, metrics and results go (required); a rerun with the same "
                 "config resumes there")
@@ -286,8 +289,9 @@ def main(get_config: Callable[[], ml_collections.ConfigDict],
   if any(arg in HELP_FLAGS for arg in sys.argv[1:]):
     print(usage(get_config, help or {}))
     sys.exit(0)
-  _check_config_keys(sys.argv[1:], get_config())
-  config_flags.DEFINE_config_dict("config", get_config())
+  config = with_open_keys(get_config(), sys.argv[1:])
+  _check_config_keys(sys.argv[1:], config)
+  config_flags.DEFINE_config_dict("config", config)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
   flags.mark_flag_as_required("workdir")
 
@@ -306,6 +310,23 @@ def main(get_config: Callable[[], ml_collections.ConfigDict],
       _fail(f"{type(error).__name__}: {error}")
 
   app.run(_main)
+
+
+def with_open_keys(config: ml_collections.ConfigDict,
+                   argv: list[str]) -> ml_collections.ConfigDict:
+  """`config` with the keys that `--config.model_kwargs.<key>=<value>` (any of `OPEN_KEYS`)
+  adds: a model argument the CLI's default does not name, e.g. a ViT's `image_size`. The
+  value's type is its Python literal's (28 an int, 0.1 a float, True a bool, else a string)."""
+  for arg in argv:
+    key, has_value, value = arg.removeprefix("--config.").partition("=")
+    parent, _, name = key.partition(".")
+    if (arg.startswith("--config.") and has_value and parent in OPEN_KEYS and name
+        and "." not in name and parent in config and name not in config[parent]):
+      try:
+        config[parent][name] = ast.literal_eval(value)
+      except (ValueError, SyntaxError):
+        config[parent][name] = value
+  return config
 
 
 def _check_config_keys(argv: list[str], config: ml_collections.ConfigDict) -> None:

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from oba_jax import (batchnorm, criteria, data, masks, models, prune, runs, runtime, surgery,
-                     train, weights)
+from oba_jax import (batchnorm, criteria, data, masks, models, prune, runs, runtime, structure,
+                     surgery, train, weights)
 from oba_jax.experiments import cli
 from oba_jax.experiments.paper_config import smoke_config
 from oba_jax.experiments.report import (TIMING_NOTE, max_abs_pruned, measure, plot, say_step,
@@ -51,7 +51,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if value not in accepted:
       raise ValueError(
           f"{name}={value!r} is not supported; accepted: {sorted(accepted, key=str)}.")
-  names = cli.check_names("criteria", config.criteria, criteria.CRITERIA)
+  names = criterion_entries(config)
   kind = "density" if config.mode == "unstructured" else "kept-FLOPs ratio"
   targets = tuple(config.targets)
   for target in targets:
@@ -141,7 +141,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   prune_one = _unstructured if config.mode == "unstructured" else _structured
   rows = []
-  for criterion in cli.names(config.criteria):
+  for criterion in criterion_entries(config):
     batches = stream(config.seed + 1, config.prune.importance_batch_size,
                      augment=config.prune.augment)
     for row, tuned, compacted, mask in prune_one(config, criterion, dense, example, batches,
@@ -194,7 +194,7 @@ def breakdown(results: dict) -> dict:
 def importance_settings(config: ml_collections.ConfigDict) -> dict:
   """How importance was collected: what `results.json` records next to the results."""
   p = config.prune
-  return {"criteria": cli.names(config.criteria), "batchnorm": p.batchnorm,
+  return {"criteria": criterion_entries(config), "batchnorm": p.batchnorm,
           "recalibration_batches": p.recalibration_batches,
           "batches_per_step": p.importance_batches, "batch_size": p.importance_batch_size,
           "augment": p.augment, "reduction": p.reduction if config.mode != "unstructured" else None,
@@ -244,12 +244,35 @@ def _train_config(recipe, num_examples: int, seed: int) -> train.TrainConfig:
                            milestones=tuple(recipe.milestones), seed=seed)
 
 
-def prune_configs(config: ml_collections.ConfigDict, criterion: str) -> list:
-  """The `oba_jax.prune` configs of one criterion: one per target in mode "one_shot", else one.
+def criterion_entries(config: ml_collections.ConfigDict) -> list[str]:
+  """The entries of `config.criteria`, checked: each a name in `criteria.CRITERIA`, or
+  "name@reduction" to group that criterion's scores with a reduction of
+  `structure.REDUCTIONS` other than `prune.reduction` (e.g. "oba,oba@sum" compares both
+  on the same dense model, batches and fine-tuning order). Raises ValueError naming the
+  first bad entry."""
+  entries = cli.names(config.criteria)
+  cli.check_names("criteria", ",".join(e.partition("@")[0] for e in entries) or config.criteria,
+                  criteria.CRITERIA)
+  for entry in entries:
+    reduction = entry.partition("@")[2]
+    if "@" in entry and (config.mode == "unstructured"
+                         or reduction not in structure.REDUCTIONS):
+      raise ValueError(
+          f"criteria: {entry!r} asks for reduction {reduction!r}; accepted: "
+          f"{list(structure.REDUCTIONS)}, in the structured modes only (mode={config.mode!r}).")
+  if len(set(entries)) < len(entries):
+    raise ValueError(f"criteria={config.criteria!r} names a criterion twice.")
+  return entries
+
+
+def prune_configs(config: ml_collections.ConfigDict, entry: str) -> list:
+  """The `oba_jax.prune` configs of one criterion entry ("name" or "name@reduction"): one
+  per target in mode "one_shot", else one.
 
   Building them checks every pruning setting, so `check_config` calls it too.
   """
   p = config.prune
+  criterion, _, reduction = entry.partition("@")
   if config.mode == "unstructured":
     return [prune.UnstructuredConfig(
         criterion=criterion, densities=tuple(config.targets),
@@ -257,7 +280,7 @@ def prune_configs(config: ml_collections.ConfigDict, criterion: str) -> list:
         batchnorm=p.batchnorm)]
   structured = lambda targets: prune.StructuredConfig(
       criterion=criterion, targets=targets, steps=p.steps, schedule=p.schedule,
-      reduction=p.reduction, max_ratio=p.max_ratio, round_to=p.round_to,
+      reduction=reduction or p.reduction, max_ratio=p.max_ratio, round_to=p.round_to,
       ignore=tuple(p.ignore), num_batches=p.importance_batches, batchnorm=p.batchnorm)
   if config.mode == "iterative":
     return [structured(tuple(config.targets))]

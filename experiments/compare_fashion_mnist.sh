@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The paired comparison of criteria (issue 15): three models x SEEDS on Fashion-MNIST, each run
+# `oba_jax.experiments.compare_criteria` (11 criteria x kept FLOPs 0.5/0.3/0.15, one dense model).
+# Usage: bash experiments/compare_fashion_mnist.sh WORKDIR [SEEDS] [WORKERS]
+#   SEEDS defaults to "0 1 2 3 4", WORKERS to 2 (each pinned to one core). Runs go seed by seed,
+#   so a stopped comparison has the same seeds for every model; rerunning the command resumes it
+#   (finished runs are skipped, a killed one continues from its fine-tuning checkpoints).
+#   Then: python experiments/summarize_paired.py WORKDIR/<model>/seed*/results.json
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. .venv/bin/activate
+WORKDIR=${1:?usage: compare_fashion_mnist.sh WORKDIR [SEEDS] [WORKERS]}
+SEEDS=${2:-0 1 2 3 4}
+WORKERS=${3:-2}
+mkdir -p "$WORKDIR"
+
+model_flags() {
+  case $1 in
+    resnet) echo "--config.model=resnet8_cifar --config.model_kwargs.width=16" ;;
+    vgg) echo "--config.model=vgg11_cifar --config.model_kwargs.width=16" ;;
+    vit) echo "--config.model=vit --config.model_kwargs.image_size=28 \
+      --config.model_kwargs.patch_size=7 --config.model_kwargs.hidden_dim=64 \
+      --config.model_kwargs.num_layers=4 --config.model_kwargs.num_heads=4 \
+      --config.model_kwargs.mlp_dim=128 --config.dense.learning_rate=0.05" ;;
+  esac
+}
+
+queue="$WORKDIR/queue"
+: > "$queue"
+for seed in $SEEDS; do
+  for model in resnet vgg vit; do
+    [ -f "$WORKDIR/$model/seed$seed/results.json" ] || echo "$model $seed" >> "$queue"
+  done
+done
+
+worker() {  # pops "model seed" lines off the queue until it is empty
+  local core=$1 job model seed
+  while true; do
+    job=$(flock "$queue" sh -c 'head -n 1 "$1"; sed -i 1d "$1"' _ "$queue")
+    [ -n "$job" ] || return 0
+    read -r model seed <<< "$job"
+    echo "$(date -u +%H:%M:%S) core $core: $model seed $seed"
+    # shellcheck disable=SC2046
+    taskset -c "$core" python -m oba_jax.experiments.compare_criteria \
+      --workdir="$WORKDIR/$model/seed$seed" --config.seed="$seed" $(model_flags "$model") \
+      --config.progress=False > "$WORKDIR/$model-seed$seed.log" 2>&1 \
+      || echo "$model seed $seed failed: see $WORKDIR/$model-seed$seed.log"
+  done
+}
+
+for ((w = 0; w < WORKERS; w++)); do
+  worker $((w % $(nproc))) &
+done
+wait
+echo "$(date -u +%H:%M:%S) done"
