@@ -29,6 +29,7 @@ import the pruning modules (`criteria`, `prune`, `oracle`) or the experiments pa
 
 import collections
 import dataclasses
+import functools
 import itertools
 import os
 import time
@@ -218,16 +219,19 @@ def _zero_sums() -> dict[str, jax.Array]:
 
 def make_train_step(
     graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, mesh: Mesh
-) -> Callable[[TrainState, PyTree], TrainState]:
-  """A jitted `step(state, batch) -> state` on softmax cross-entropy.
+) -> Callable[..., TrainState]:
+  """A jitted `step(state, batch, mask=None) -> state` on softmax cross-entropy.
 
   `graphdef` is the model's in training mode, so BatchNorm normalises with the
   batch statistics and updates its running averages, which the new state
   carries. `batch` is `{"image", "label"}`, sharded over `mesh`
   (`estimate.shard_batch`); the state is donated and comes back replicated.
+  A `mask` (True = kept, replicated) wraps `optimizer` in `masks.keep_pruned`
+  inside the step: as an argument rather than a constant, so one compilation
+  serves every mask of the same shapes (every fine-tune of a pruning run).
   """
 
-  def train_step(state: TrainState, batch: PyTree) -> TrainState:
+  def train_step(state: TrainState, batch: PyTree, mask: PyTree | None = None) -> TrainState:
     def loss_fn(params):
       model = nnx.merge(graphdef, nnx.State(params), nnx.State(state.model_state), copy=True)
       logits = model(batch["image"])
@@ -235,7 +239,8 @@ def make_train_step(
       return softmax_cross_entropy(logits, batch["label"]), (logits, model_state)
 
     (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    tx = optimizer if mask is None else masks.keep_pruned(optimizer, mask)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     correct = jnp.sum(jnp.argmax(logits, -1) == batch["label"], dtype=jnp.int32)
     batch_sums = {"loss": loss, "correct": correct, "examples": batch["label"].shape[0], "steps": 1}
@@ -248,6 +253,12 @@ def make_train_step(
 
   return jax.jit(train_step, out_shardings=NamedSharding(mesh, PartitionSpec()),
                  donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_train_step(graphdef: nnx.GraphDef, config: TrainConfig, mesh: Mesh):
+  """`make_train_step` of `config`'s optimizer, one per (model structure, recipe, mesh)."""
+  return make_train_step(graphdef, make_optimizer(config, config.total_steps), mesh)
 
 
 def finetune(
@@ -322,7 +333,7 @@ def finetune(
     if mask is not None:
       mask = replicate(jax.tree.map(jnp.asarray, mask), mesh)
       params = masks.apply(params, mask)
-    optimizer = make_optimizer(config, config.total_steps, mask)
+    optimizer = make_optimizer(config, config.total_steps)  # the step applies the mask
     state = replicate(TrainState(params, model_state, optimizer.init(params), _zero_sums()), mesh)
     if rundir.start:
       state = rundir.restore(state, batches)
@@ -340,7 +351,7 @@ def finetune(
         batches,
         config,
         start=rundir.start,
-        train_step=make_train_step(graphdef, optimizer, mesh),
+        train_step=functools.partial(_cached_train_step(graphdef, config, mesh), mask=mask),
         evaluate_state=None if replay_eval is None else evaluate_state,
         checkpoint=checkpoint,
         record=rundir.record,

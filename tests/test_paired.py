@@ -29,6 +29,10 @@ def test_paired_difference_and_its_t_interval():
   assert "| oba | 0.5 | 4 |" in table and "yes, better" in table
   assert "yes, worse" in paired.markdown(list(result.values()), "loss", "magnitude",
                                          higher_is_better=False)
+  wide = paired.wide_markdown(list(result.values()), "magnitude").splitlines()
+  assert wide[0] == "| criterion | kept 0.5 |" and wide[2] == "| magnitude | 0.550 |"
+  assert wide[3].startswith("| oba | **0.572 (+0.022 [") and wide[3].endswith("▲ |")
+  assert wide[4].startswith("| taylor | 0.547 (-0.002 [") and "▲" not in wide[4]
 
 
 def test_unpaired_runs_are_refused():

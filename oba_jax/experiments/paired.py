@@ -76,3 +76,39 @@ def markdown(rows: Sequence[dict], metric: str, baseline: str, *,
     lines.append(f"| {r['criterion']} | {r['target']:g} | {r['n']} | {r['mean']:.4f} | "
                  f"{r['difference']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}] | {mark} |")
   return "\n".join(lines)
+
+
+def wide_markdown(rows: Sequence[dict], baseline: str, *, higher_is_better: bool = True,
+                  digits: int = 3) -> str:
+  """`paired_differences` rows as one line per criterion and one column per target.
+
+  The baseline's line holds its means; every other cell "mean (difference [low, high])",
+  bold with ▲ when significantly better than the baseline, ▼ when significantly worse.
+  """
+  targets = sorted({r["target"] for r in rows}, reverse=True)
+  criteria = list(dict.fromkeys(r["criterion"] for r in rows))
+  cell = {(r["criterion"], r["target"]): r for r in rows}
+  f = lambda x: f"{x:.{digits}f}"
+  s = lambda x: f"{x:+.{digits}f}"
+  lines = [f"| criterion | {' | '.join(f'kept {t:g}' for t in targets)} |",
+           "|---" * (len(targets) + 1) + "|",
+           f"| {baseline} | {' | '.join(f(cell_base(cell, t)) for t in targets)} |"]
+  for criterion in criteria:
+    cells = []
+    for t in targets:
+      r = cell.get((criterion, t))
+      if r is None:
+        cells.append("")
+        continue
+      text = f"{f(r['mean'])} ({s(r['difference'])} [{s(r['low'])}, {s(r['high'])}])"
+      if r["significant"]:
+        better = (r["difference"] > 0) == higher_is_better
+        text = f"**{text}** {'▲' if better else '▼'}"
+      cells.append(text)
+    lines.append(f"| {criterion} | {' | '.join(cells)} |")
+  return "\n".join(lines)
+
+
+def cell_base(cell: dict, target: float) -> float:
+  """The baseline's mean at `target`, from any criterion's row there."""
+  return next(r["baseline_mean"] for (_, t), r in cell.items() if t == target)
