@@ -5,13 +5,17 @@
 #   SEEDS defaults to "0 1 2 3 4", WORKERS to 2 (each pinned to one core). Runs go seed by seed,
 #   so a stopped comparison has the same seeds for every model; rerunning the command resumes it
 #   (finished runs are skipped, a killed one continues from its fine-tuning checkpoints).
-#   Then: python experiments/summarize_paired.py WORKDIR/<model>/seed*/results.json
+#   Optional: MODELS (default "resnet vgg vit"), CRITERIA (default: compare_criteria's), and
+#   DENSE_FROM=DIR to start each run from DIR/<model>/seed<k>/dense, the dense model of an earlier
+#   comparison, so that more criteria join it paired (same dense model, batches and order).
+#   Then: python experiments/summarize_compare.py WORKDIR/*/seed*/results.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 WORKDIR=${1:?usage: compare_fashion_mnist.sh WORKDIR [SEEDS] [WORKERS]}
 SEEDS=${2:-0 1 2 3 4}
 WORKERS=${3:-2}
+MODELS=${MODELS:-resnet vgg vit}
 mkdir -p "$WORKDIR"
 
 model_flags() {
@@ -28,7 +32,7 @@ model_flags() {
 queue="$WORKDIR/queue"
 : > "$queue"
 for seed in $SEEDS; do
-  for model in resnet vgg vit; do
+  for model in $MODELS; do
     [ -f "$WORKDIR/$model/seed$seed/results.json" ] || echo "$model $seed" >> "$queue"
   done
 done
@@ -40,10 +44,13 @@ worker() {  # pops "model seed" lines off the queue until it is empty
     [ -n "$job" ] || return 0
     read -r model seed <<< "$job"
     echo "$(date -u +%H:%M:%S) core $core: $model seed $seed"
+    extra=()
+    [ -z "${CRITERIA:-}" ] || extra+=("--config.criteria=$CRITERIA")
+    [ -z "${DENSE_FROM:-}" ] || extra+=("--config.init.checkpoint=$DENSE_FROM/$model/seed$seed/dense")
     # shellcheck disable=SC2046
     taskset -c "$core" python -m oba_jax.experiments.compare_criteria \
       --workdir="$WORKDIR/$model/seed$seed" --config.seed="$seed" $(model_flags "$model") \
-      --config.progress=False > "$WORKDIR/$model-seed$seed.log" 2>&1 \
+      "${extra[@]}" --config.progress=False > "$WORKDIR/$model-seed$seed.log" 2>&1 \
       || echo "$model seed $seed failed: see $WORKDIR/$model-seed$seed.log"
   done
 }

@@ -150,21 +150,25 @@ def test_vit_b16_keeps_the_patch_embedding(tmp_path):
   assert results["pruned"][0]["macs"] < results["dense"]["macs"]
 
 
-def test_one_run_compares_a_criterion_under_both_reductions(tmp_path):
-  """"oba@sum" is a criterion of its own in the paired run: same dense model, own rows."""
-  results = run(compare_criteria, tmp_path, criteria="magnitude,oba,oba@sum", targets=(0.5,))
-  check_consistent(results, ["magnitude", "oba", "oba@sum"], [0.5])
-  assert results["importance"]["criteria"] == ["magnitude", "oba", "oba@sum"]
+def test_one_run_compares_a_criterion_under_other_settings(tmp_path):
+  """"oba@sum" and "oba_bilinear@train" are criteria of their own in the paired run."""
+  entries = ["magnitude", "oba", "oba@sum", "oba_bilinear@train"]
+  results = run(compare_criteria, tmp_path, criteria=",".join(entries), targets=(0.5,))
+  check_consistent(results, entries, [0.5])
+  assert results["importance"]["criteria"] == entries
+  assert results["importance"]["per_criterion"] == {
+      "oba@sum": {"reduction": "sum", "batchnorm": "eval"},
+      "oba_bilinear@train": {"reduction": "paper", "batchnorm": "train"}}
   assert os.path.isdir(tmp_path / "oba@sum" / "0.5")
 
 
 @pytest.mark.parametrize("overrides, error, message", [
     (dict(model="vgg7"), ValueError, r"model='vgg7' is not supported; accepted: \["),
     (dict(criteria="oba,hessian"), ValueError, r"unknown \['hessian'\]; accepted: \["),
-    (dict(criteria="oba@max"), ValueError, r"'oba@max' asks for reduction 'max'; accepted: "),
+    (dict(criteria="oba@max"), ValueError, r"'oba@max' has option 'max'; accepted: a BatchNorm"),
     (dict(criteria="oba,oba"), ValueError, r"names a criterion twice"),
     (dict(mode="unstructured", criteria="oba@sum", targets=(0.5,)), ValueError,
-     r"in the structured modes only"),
+     r"'oba@sum' has option 'sum'.* \(structured modes only; mode='unstructured'\)"),
     (dict(mode="greedy"), ValueError, r"mode='greedy' is not supported"),
     (dict(targets=(1.5,)), ValueError, r"target=1.5 .* must be a kept-FLOPs ratio in \(0, 1\]"),
     (dict(targets=(0.0,)), ValueError, r"target=0.0 .* in \(0, 1\]"),

@@ -88,7 +88,7 @@ HELP = {
     "finetune.enabled": "fine-tune after pruning (False: evaluate right after pruning)",
     "mode": "one_shot (each target from the dense model) | iterative | unstructured",
     "criteria": "comma-separated names in oba_jax.criteria.CRITERIA, e.g. oba_bilinear,taylor; "
-                "name@sum groups that one's scores by the signed sum instead of prune.reduction",
+                "name@sum or name@train sets that one's prune.reduction or prune.batchnorm",
     "targets": "kept FLOPs (structured) or densities (unstructured), each in (0, 1]",
     "prune.steps": "S: pruning steps to the last target, re-scoring before each",
     "prune.schedule": "a name in oba_jax.prune.SCHEDULES: exponential | linear",

@@ -194,7 +194,9 @@ def breakdown(results: dict) -> dict:
 def importance_settings(config: ml_collections.ConfigDict) -> dict:
   """How importance was collected: what `results.json` records next to the results."""
   p = config.prune
-  return {"criteria": criterion_entries(config), "batchnorm": p.batchnorm,
+  entries = criterion_entries(config)
+  return {"criteria": entries, "batchnorm": p.batchnorm,
+          "per_criterion": {e: entry_settings(config, e)[1] for e in entries if "@" in e},
           "recalibration_batches": p.recalibration_batches,
           "batches_per_step": p.importance_batches, "batch_size": p.importance_batch_size,
           "augment": p.augment, "reduction": p.reduction if config.mode != "unstructured" else None,
@@ -245,43 +247,58 @@ def _train_config(recipe, num_examples: int, seed: int) -> train.TrainConfig:
 
 
 def criterion_entries(config: ml_collections.ConfigDict) -> list[str]:
-  """The entries of `config.criteria`, checked: each a name in `criteria.CRITERIA`, or
-  "name@reduction" to group that criterion's scores with a reduction of
-  `structure.REDUCTIONS` other than `prune.reduction` (e.g. "oba,oba@sum" compares both
-  on the same dense model, batches and fine-tuning order). Raises ValueError naming the
-  first bad entry."""
+  """The entries of `config.criteria`, checked: each a name in `criteria.CRITERIA`,
+  optionally followed by "@option"s that override a pruning setting for that entry
+  only (`entry_settings`): "oba,oba@sum" compares both group reductions, and
+  "oba_bilinear@train" scores with batch-statistics BatchNorm, on the same dense
+  model, batches and fine-tuning order. Raises ValueError naming the first bad entry."""
   entries = cli.names(config.criteria)
   cli.check_names("criteria", ",".join(e.partition("@")[0] for e in entries) or config.criteria,
                   criteria.CRITERIA)
   for entry in entries:
-    reduction = entry.partition("@")[2]
-    if "@" in entry and (config.mode == "unstructured"
-                         or reduction not in structure.REDUCTIONS):
-      raise ValueError(
-          f"criteria: {entry!r} asks for reduction {reduction!r}; accepted: "
-          f"{list(structure.REDUCTIONS)}, in the structured modes only (mode={config.mode!r}).")
+    entry_settings(config, entry)
   if len(set(entries)) < len(entries):
     raise ValueError(f"criteria={config.criteria!r} names a criterion twice.")
   return entries
 
 
+def entry_settings(config: ml_collections.ConfigDict, entry: str) -> tuple[str, dict]:
+  """The criterion of an entry and its pruning settings: `prune.reduction` and
+  `prune.batchnorm`, each replaced by an "@option" of the entry that names a value of
+  `structure.REDUCTIONS` or `criteria.BATCHNORM_MODES` (group reductions only in the
+  structured modes)."""
+  name, *options = entry.split("@")
+  settings = {"reduction": config.prune.reduction, "batchnorm": config.prune.batchnorm}
+  for option in options:
+    if option in criteria.BATCHNORM_MODES:
+      settings["batchnorm"] = option
+    elif option in structure.REDUCTIONS and config.mode != "unstructured":
+      settings["reduction"] = option
+    else:
+      raise ValueError(
+          f"criteria: {entry!r} has option {option!r}; accepted: a BatchNorm mode "
+          f"{list(criteria.BATCHNORM_MODES)} or a group reduction {list(structure.REDUCTIONS)}"
+          f" (structured modes only; mode={config.mode!r}).")
+  return name, settings
+
+
 def prune_configs(config: ml_collections.ConfigDict, entry: str) -> list:
-  """The `oba_jax.prune` configs of one criterion entry ("name" or "name@reduction"): one
+  """The `oba_jax.prune` configs of one criterion entry ("name", or with "@option"s): one
   per target in mode "one_shot", else one.
 
   Building them checks every pruning setting, so `check_config` calls it too.
   """
   p = config.prune
-  criterion, _, reduction = entry.partition("@")
+  criterion, settings = entry_settings(config, entry)
   if config.mode == "unstructured":
     return [prune.UnstructuredConfig(
         criterion=criterion, densities=tuple(config.targets),
         steps_per_density=p.steps_per_density, num_batches=p.importance_batches,
-        batchnorm=p.batchnorm)]
+        batchnorm=settings["batchnorm"])]
   structured = lambda targets: prune.StructuredConfig(
       criterion=criterion, targets=targets, steps=p.steps, schedule=p.schedule,
-      reduction=reduction or p.reduction, max_ratio=p.max_ratio, round_to=p.round_to,
-      ignore=tuple(p.ignore), num_batches=p.importance_batches, batchnorm=p.batchnorm)
+      reduction=settings["reduction"], max_ratio=p.max_ratio, round_to=p.round_to,
+      ignore=tuple(p.ignore), num_batches=p.importance_batches, batchnorm=settings["batchnorm"])
   if config.mode == "iterative":
     return [structured(tuple(config.targets))]
   return [structured(target) for target in config.targets]
