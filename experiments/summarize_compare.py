@@ -36,13 +36,19 @@ def model_label(config: dict) -> str:
 
 def summarize(runs: list[dict], baseline: str) -> tuple[str, dict]:
   """Markdown for the runs of one model, and the paired rows per metric."""
-  seeds = sorted(r["config"]["seed"] for r in runs)
-  dense = np.asarray([r["dense"]["accuracy"] for r in runs])
+  by_seed = {}
+  for r in runs:  # runs that add criteria to a seed must start from its dense model
+    seed, accuracy = r["config"]["seed"], r["dense"]["accuracy"]
+    if by_seed.setdefault(seed, accuracy) != accuracy:
+      raise ValueError(f"two runs of seed {seed} start from different dense models (accuracy "
+                       f"{by_seed[seed]} and {accuracy}): their criteria are not paired.")
+  seeds = sorted(by_seed)
+  dense = np.asarray([by_seed[s] for s in seeds])
   rows = paired.pipeline_rows(runs)
   kept = collections.defaultdict(list)
   for row in rows:
     kept[row["target"]].append(row["kept_macs"])
-  spread = f" (sd {dense.std(ddof=1):.4f})" if len(runs) > 1 else ""
+  spread = f" (sd {dense.std(ddof=1):.4f})" if len(seeds) > 1 else ""
   lines = [f"Seeds {seeds}; dense accuracy {dense.mean():.4f}{spread}; kept MACs reached: "
            + ", ".join(f"target {t:g}: {min(v):.3f}-{max(v):.3f}"
                        for t, v in sorted(kept.items(), reverse=True)), ""]
@@ -50,7 +56,7 @@ def summarize(runs: list[dict], baseline: str) -> tuple[str, dict]:
   for metric, what, higher in METRICS:
     table = paired.paired_differences(rows, metric, baseline=baseline)
     by_metric[metric] = table
-    lines += [f"{what} ({'higher' if higher else 'lower'} is better); mean over {len(runs)} "
+    lines += [f"{what} ({'higher' if higher else 'lower'} is better); mean over {len(seeds)} "
               f"seeds (paired difference to {baseline} [95% CI]):", "",
               paired.wide_markdown(table, baseline, higher_is_better=higher), ""]
   return "\n".join(lines), by_metric
