@@ -1,0 +1,49 @@
+"""The recorded comparison of criteria: its tables come from its raw runs, paired per seed."""
+
+import copy
+import glob
+import importlib.util
+import json
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECORD = os.path.join(ROOT, "experiments", "results", "compare_fashion_mnist")
+
+
+def _script():
+  spec = importlib.util.spec_from_file_location(
+      "summarize_compare", os.path.join(ROOT, "experiments", "summarize_compare.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _runs_by_model() -> dict[str, list[dict]]:
+  runs = {}
+  for path in sorted(glob.glob(os.path.join(RECORD, "*.json"))):
+    with open(path) as f:
+      results = json.load(f)
+    runs.setdefault(_script().model_label(results["config"]), []).append(results)
+  return runs
+
+
+def test_recorded_tables_are_what_the_raw_runs_give():
+  script = _script()
+  with open(os.path.join(RECORD, "summary.md")) as f:
+    recorded = f.read()
+  for label, runs in _runs_by_model().items():
+    text, by_metric = script.summarize(runs, "magnitude")
+    assert f"### {label}\n\n{text}" in recorded
+    assert all(row["n"] == 5 for rows in by_metric.values() for row in rows)
+  assert len(re.findall(r"^### ", recorded, re.M)) == 3
+
+
+def test_runs_of_one_seed_from_different_dense_models_are_refused():
+  runs = _runs_by_model()["vgg11_cifar(width=16)"]
+  extra = copy.deepcopy(next(r for r in runs if r["config"]["seed"] == 0))
+  extra["dense"]["accuracy"] += 0.01
+  with pytest.raises(ValueError, match="two runs of seed 0 start from different dense models"):
+    _script().summarize(runs + [extra], "magnitude")
