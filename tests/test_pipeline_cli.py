@@ -88,7 +88,7 @@ def test_a_paper_cli_scores_as_the_official_pipeline_by_default(tmp_path):
     recorded = json.load(f)["importance"]
   assert recorded == {"criteria": ["oba_bilinear", "magnitude"], "batchnorm": "train",
                       "recalibration_batches": 2, "batches_per_step": 2, "batch_size": 8,
-                      "augment": True, "reduction": "paper", "steps": 2}
+                      "augment": True, "reduction": "paper", "steps": 2, "per_criterion": {}}
   config = vgg19_cifar.get_config()
   assert (config.prune.importance_batches, config.prune.importance_batch_size,
           config.prune.steps) == (200, 64, 50)  # smoke mode shrank them to 2, 8 and 2
