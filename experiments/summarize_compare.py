@@ -23,9 +23,10 @@ import numpy as np
 from oba_jax.experiments import paired
 
 # (metric, what it is, higher is better)
+_RECALIBRATED = "right after pruning (BatchNorm, if any, recalibrated)"
 METRICS = (("accuracy", "test accuracy after fine-tuning", True),
-           ("loss_after_pruning", "test loss right after pruning (BatchNorm, if any, recalibrated)", False),
-           ("accuracy_after_pruning", "test accuracy right after pruning (BatchNorm, if any, recalibrated)", True))
+           ("loss_after_pruning", f"test loss {_RECALIBRATED}", False),
+           ("accuracy_after_pruning", f"test accuracy {_RECALIBRATED}", True))
 
 
 def model_label(config: dict) -> str:

@@ -134,8 +134,6 @@ def _product_kind(name: str, flags: Sequence[Flags]) -> str | None:
   return None
 
 
-
-
 def _needed(jaxpr) -> list:
   """The equations the outputs depend on (drops, e.g., BatchNorm's running-average updates)."""
   needed = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
@@ -261,7 +259,8 @@ def _eval(jaxpr, consts: Sequence[Any], args: Sequence[Any], in_flags: Sequence[
     elif name in INLINED or (name == CUSTOM_JVP and _has_products(call_body(eqn)[0], flags)):
       body, body_consts = call_body(eqn)
       outs, out_flags = _eval(body, body_consts, values, flags)
-    elif _binds_as_is(name, flags) or (name == CUSTOM_JVP and _is_curvature_free(call_body(eqn)[0])):
+    elif _binds_as_is(name, flags) or (
+        name == CUSTOM_JVP and _is_curvature_free(call_body(eqn)[0])):
       outs, out_flags = _bind(eqn, values), _out_flags(eqn, flags)
     else:
       if name != CUSTOM_JVP and _sub_jaxprs(eqn):

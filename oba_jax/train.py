@@ -256,9 +256,11 @@ def make_train_step(
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_train_step(graphdef: nnx.GraphDef, config: TrainConfig, mesh: Mesh):
-  """`make_train_step` of `config`'s optimizer, one per (model structure, recipe, mesh)."""
-  return make_train_step(graphdef, make_optimizer(config, config.total_steps), mesh)
+def _optimizer_and_step(graphdef: nnx.GraphDef, config: TrainConfig, mesh: Mesh):
+  """`config`'s optimizer and its `make_train_step`, built once per (model structure, recipe,
+  mesh): the fine-tunes of a pruning run differ only in their masks, arguments of the step."""
+  optimizer = make_optimizer(config, config.total_steps)
+  return optimizer, make_train_step(graphdef, optimizer, mesh)
 
 
 def finetune(
@@ -333,7 +335,7 @@ def finetune(
     if mask is not None:
       mask = replicate(jax.tree.map(jnp.asarray, mask), mesh)
       params = masks.apply(params, mask)
-    optimizer = make_optimizer(config, config.total_steps)  # the step applies the mask
+    optimizer, train_step = _optimizer_and_step(graphdef, config, mesh)  # the step masks
     state = replicate(TrainState(params, model_state, optimizer.init(params), _zero_sums()), mesh)
     if rundir.start:
       state = rundir.restore(state, batches)
@@ -351,7 +353,7 @@ def finetune(
         batches,
         config,
         start=rundir.start,
-        train_step=functools.partial(_cached_train_step(graphdef, config, mesh), mask=mask),
+        train_step=functools.partial(train_step, mask=mask),
         evaluate_state=None if replay_eval is None else evaluate_state,
         checkpoint=checkpoint,
         record=rundir.record,

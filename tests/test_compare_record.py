@@ -1,6 +1,7 @@
 """The recorded comparison of criteria: its tables come from its raw runs, paired per seed."""
 
 import copy
+import functools
 import glob
 import importlib.util
 import json
@@ -13,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD = os.path.join(ROOT, "experiments", "results", "compare_fashion_mnist")
 
 
+@functools.cache
 def _script():
   spec = importlib.util.spec_from_file_location(
       "summarize_compare", os.path.join(ROOT, "experiments", "summarize_compare.py"))

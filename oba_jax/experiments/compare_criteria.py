@@ -7,7 +7,7 @@ Within a run every criterion prunes the seed's one dense model to each kept-FLOP
 target in one shot, reads the same importance batches, has its BatchNorm statistics
 recalibrated on the same training batches and fine-tunes on the same data order
 (`pipeline`), so runs of several seeds give paired differences between criteria
-(`experiments/summarize_paired.py`, `oba_jax.experiments.paired`). "oba@sum" is the
+(`experiments/summarize_compare.py`, `oba_jax.experiments.paired`). "oba@sum" is the
 same OBA scores grouped by the signed sum (the oracle study's best reduction) instead
 of the paper's normalised reduction. The budget (dense steps, importance batches,
 fine-tuning steps) is what fits five seeds of three models on 2 CPU cores; every value

@@ -88,11 +88,12 @@ def wide_markdown(rows: Sequence[dict], baseline: str, *, higher_is_better: bool
   targets = sorted({r["target"] for r in rows}, reverse=True)
   criteria = list(dict.fromkeys(r["criterion"] for r in rows))
   cell = {(r["criterion"], r["target"]): r for r in rows}
+  baseline_mean = {r["target"]: r["baseline_mean"] for r in rows}
   f = lambda x: f"{x:.{digits}f}"
   s = lambda x: f"{x:+.{digits}f}"
   lines = [f"| criterion | {' | '.join(f'kept {t:g}' for t in targets)} |",
            "|---" * (len(targets) + 1) + "|",
-           f"| {baseline} | {' | '.join(f(cell_base(cell, t)) for t in targets)} |"]
+           f"| {baseline} | {' | '.join(f(baseline_mean[t]) for t in targets)} |"]
   for criterion in criteria:
     cells = []
     for t in targets:
@@ -107,8 +108,3 @@ def wide_markdown(rows: Sequence[dict], baseline: str, *, higher_is_better: bool
       cells.append(text)
     lines.append(f"| {criterion} | {' | '.join(cells)} |")
   return "\n".join(lines)
-
-
-def cell_base(cell: dict, target: float) -> float:
-  """The baseline's mean at `target`, from any criterion's row there."""
-  return next(r["baseline_mean"] for (_, t), r in cell.items() if t == target)
