@@ -99,7 +99,7 @@ def test_same_channels_at_every_step_as_the_official_prune_global(ours, theirs, 
       kept[name] = np.setdiff1d(kept[name], sorted(indices))
     removed_any += sum(map(len, theirs_removed.values()))
     capped_any |= bool(procedure.capped(traced, chosen.removed, max_ratio))
-  assert removed_any > 0 and capped_any == (max_ratio < 0.9)  # the cap case reaches its cap
+  assert removed_any > 0 and capped_any  # the cap engaged: its rule was compared too
   # The widths agree too: every torch conv has as many output channels as its group keeps.
   for module_name, name in groups.items():
     assert by_name[module_name].out_channels == chosen.kept_widths[name]
