@@ -86,6 +86,8 @@ class TrainConfig:
     seed: seeds the model's RNG streams (dropout) at the start of the run.
     log_every: steps between records of the training loss, accuracy and learning rate.
     eval_every: steps between evaluations (None: only at the end).
+    eval_at: more steps to evaluate at, e.g. (100, 300, 1000): a curve of
+      accuracy against the fine-tuning budget in one run.
     checkpoint_every: steps between checkpoints (one is also written at the end).
   """
 
@@ -102,10 +104,12 @@ class TrainConfig:
   seed: int = 0
   log_every: int = _bookkeeping(50)
   eval_every: int | None = _bookkeeping(None)
+  eval_at: tuple[int, ...] = _bookkeeping(())
   checkpoint_every: int = _bookkeeping(500)
 
   def __post_init__(self):
     object.__setattr__(self, "milestones", tuple(self.milestones))
+    object.__setattr__(self, "eval_at", tuple(self.eval_at))
     _check_config(self)
 
   @property
@@ -145,6 +149,8 @@ def _check_config(config: TrainConfig) -> None:
     value = getattr(config, name)
     if value is not None and (not isinstance(value, int) or value < 1):
       raise ValueError(f"{name}={value!r} must be a positive integer.")
+  if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in config.eval_at):
+    raise ValueError(f"eval_at={config.eval_at!r} must hold positive integer steps.")
   if not config.learning_rate > 0:
     raise ValueError(f"learning_rate={config.learning_rate} must be > 0.")
   if not 0 <= config.momentum < 1:
@@ -303,9 +309,9 @@ def finetune(
       exactly.
     config: the optimizer, schedule, length and bookkeeping of the run.
     workdir: the run's directory, created if needed.
-    eval_batches: evaluated every `config.eval_every` steps and at the end; a
-      collection (read again for each evaluation) or an iterator with
-      `get_state`/`set_state` (rewound).
+    eval_batches: evaluated every `config.eval_every` steps, at `config.eval_at`
+      and at the end; a collection (read again for each evaluation) or an
+      iterator with `get_state`/`set_state` (rewound).
     mask: True where an entry is kept, like the params (see `oba_jax.masks`).
     mesh: a device mesh with a 'data' axis; default all devices along it.
     extra_state: a JSON-able dict saved with every checkpoint (e.g. the pruning
@@ -321,8 +327,9 @@ def finetune(
   if not isinstance(model, nnx.Module):
     raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}.")
   replay_eval = None if eval_batches is None else runs.replayable(eval_batches)
-  if config.eval_every is not None and eval_batches is None:
-    raise ValueError(f"config.eval_every={config.eval_every} needs eval_batches.")
+  if (config.eval_every is not None or config.eval_at) and eval_batches is None:
+    raise ValueError(f"config.eval_every={config.eval_every} and config.eval_at="
+                     f"{config.eval_at} need eval_batches.")
   batches = runs.resumable(train_batches)
   graphdef, params, model_state = split_pure(_reseeded(model, config.seed), training=True)
   eval_graphdef = split_pure(model, training=False)[0]
@@ -413,7 +420,8 @@ def _train(
                 "lr": float(schedule(step - 1)), "time": time.time()})
         bar.set_postfix(loss=f"{loss:.4f}")
       if evaluate_state is not None and (
-          step == total or (config.eval_every and step % config.eval_every == 0)):
+          step == total or step in config.eval_at
+          or (config.eval_every and step % config.eval_every == 0)):
         result = evaluate_state(state)
         record({"step": step, **{f"eval_{name}": value for name, value in result.items()},
                 "time": time.time()})

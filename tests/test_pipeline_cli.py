@@ -169,6 +169,17 @@ def test_one_run_compares_a_criterion_under_other_settings(tmp_path):
   assert os.path.isdir(tmp_path / "oba@sum" / "0.5")
 
 
+def test_fine_tuning_is_evaluated_at_the_budgets_asked_for(tmp_path):
+  results = run(compare_criteria, tmp_path, criteria="magnitude,taylor@per_cost@library",
+                targets=(0.5,), **{"finetune.eval_at": (1, 2)})
+  check_consistent(results, ["magnitude", "taylor@per_cost@library"], [0.5])
+  for row in results["pruned"]:  # smoke fine-tuning takes 3 steps: evaluated at 1, 2 and 3
+    assert list(row["accuracy_at_steps"]) == ["1", "2", "3"]
+    assert row["accuracy_at_steps"]["3"] == row["accuracy"]  # the end is the tuned model's
+  assert results["importance"]["per_criterion"]["taylor@per_cost@library"] == {
+      "reduction": "paper", "batchnorm": "eval", "procedure": "library", "ranking": "per_cost"}
+
+
 @pytest.mark.parametrize("overrides, error, message", [
     (dict(model="vgg7"), ValueError, r"model='vgg7' is not supported; accepted: \["),
     (dict(criteria="oba,hessian"), ValueError, r"unknown \['hessian'\]; accepted: \["),

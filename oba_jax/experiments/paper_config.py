@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.finetune = _training(epochs=150, learning_rate=1e-3, weight_decay=1e-4,
                          milestones=(80 / 150, 120 / 150))
   c.finetune.enabled = True
+  c.finetune.eval_at = ()  # steps with a test evaluation too, e.g. (100, 300, 1000)
   c.eval_batch_size = 500
   c.timing_batch = 64  # the batch of the measured inference time
   c.timing_seconds = 1.0  # measure inference at least this long (median of >= 10 passes)
@@ -93,6 +94,8 @@ HELP = {
     "*.weight_decay": "L2 weight decay",
     "*.milestones": "fractions of the run where the learning rate drops x0.1",
     "finetune.enabled": "fine-tune after pruning (False: evaluate right after pruning)",
+    "finetune.eval_at": "fine-tuning steps at which test accuracy is measured too, e.g. "
+                        "100,300,1000 (results.json: accuracy_at_steps)",
     "mode": "one_shot (each target from the dense model) | iterative | unstructured",
     "criteria": "comma-separated names in oba_jax.criteria.CRITERIA, e.g. oba_bilinear,taylor; "
                 "name@sum, name@train, name@library or name@per_cost sets that one's "

@@ -118,19 +118,23 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                config.timing_seconds),
                "wall_seconds": time.perf_counter() - dense_start}
 
-  def finetune(masked, mask, directory, extra_state=None) -> tuple[nnx.Module, float]:
-    """The fine-tuned model (`masked` when fine-tuning is off) and the wall seconds it took."""
+  def finetune(masked, mask, directory, extra_state=None) -> tuple[nnx.Module, dict]:
+    """The fine-tuned model (`masked` when fine-tuning is off) and the row's fine-tuning
+    fields: its wall seconds and the test accuracy at `finetune.eval_at` and the end."""
     if not config.finetune.enabled:
-      return masked, 0.0
+      return masked, {"finetune_seconds": 0.0}
     tuned_start = time.perf_counter()
     recipe = _train_config(config.finetune, info.num_examples, config.seed)
     stage = f"fine-tuning {directory.replace(os.sep, ' at ')}"
     cli.say_training(stage, os.path.join(workdir, directory), recipe.total_steps)
-    tuned, _ = train.finetune(
+    tuned, records = train.finetune(
         masked, stream(config.seed + 2, config.finetune.batch_size), recipe,
         workdir=os.path.join(workdir, directory), mask=mask, extra_state=extra_state,
+        eval_batches=_Reread(test) if recipe.eval_at else None,
         progress=config.progress, desc=f"finetune {directory.replace(os.sep, ' ')}")
-    return tuned, time.perf_counter() - tuned_start
+    curve = {str(r["step"]): r["eval_accuracy"] for r in records if "eval_accuracy" in r}
+    return tuned, {"finetune_seconds": time.perf_counter() - tuned_start,
+                   **({"accuracy_at_steps": curve} if curve else {})}
 
   def calibration():
     """The training batches that re-estimate BatchNorm statistics, from the first."""
@@ -227,6 +231,16 @@ def _dense(model, config, workdir, stream, num_examples) -> nnx.Module:
   return dense
 
 
+class _Reread:
+  """A collection whose every `iter()` reads the test split again from its start."""
+
+  def __init__(self, batches):
+    self.batches = batches
+
+  def __iter__(self):
+    return iter(self.batches())
+
+
 def _train_config(recipe, num_examples: int, seed: int) -> train.TrainConfig:
   """`train.TrainConfig` of a `_training` recipe."""
   per_epoch = max(1, num_examples // recipe.batch_size) if recipe.batch_size > 0 else 1
@@ -235,7 +249,8 @@ def _train_config(recipe, num_examples: int, seed: int) -> train.TrainConfig:
   return train.TrainConfig(**length, batch_size=recipe.batch_size,
                            learning_rate=recipe.learning_rate,
                            weight_decay=recipe.weight_decay, schedule="multistep",
-                           milestones=tuple(recipe.milestones), seed=seed)
+                           milestones=tuple(recipe.milestones), seed=seed,
+                           eval_at=tuple(recipe.get("eval_at", ())))
 
 
 def _structured(config, criterion, dense, example, batches, test, recalibrate, finetune,
@@ -255,10 +270,10 @@ def _structured(config, criterion, dense, example, batches, test, recalibrate, f
     masked = recalibrate(masked)
     after = evaluate(masked, test())
     evaluate_seconds = time.perf_counter() - start
-    tuned, seconds = finetune(masked, mask, os.path.join(criterion, str(target)),
-                              {"plan": plan.to_json()})
+    tuned, tuning = finetune(masked, mask, os.path.join(criterion, str(target)),
+                             {"plan": plan.to_json()})
     pruned[target] = {"accuracy_after_pruning": after["accuracy"],
-                      "loss_after_pruning": after["loss"], "finetune_seconds": seconds,
+                      "loss_after_pruning": after["loss"], **tuning,
                       "evaluate_seconds": evaluate_seconds}
     return tuned, mask
 
@@ -322,8 +337,8 @@ def _unstructured(config, criterion, dense, example, batches, test, recalibrate,
            "accuracy_after_pruning": after["accuracy"], "loss_after_pruning": after["loss"],
            "evaluate_seconds": time.perf_counter() - start,
            "prune_seconds": sum(step.seconds for step in result.history)}
-    tuned, row["finetune_seconds"] = finetune(masked, result.mask,
-                                              os.path.join(criterion, str(result.density)))
+    tuned, tuning = finetune(masked, result.mask, os.path.join(criterion, str(result.density)))
+    row.update(tuning)
     yield row, tuned, tuned, result.mask
 
 
