@@ -157,15 +157,15 @@ def test_vit_b16_keeps_the_patch_embedding(tmp_path):
 
 def test_one_run_compares_a_criterion_under_other_settings(tmp_path):
   """"oba@sum" and "oba_bilinear@train" are criteria of their own in the paired run."""
-  entries = ["magnitude", "oba", "oba@sum", "oba_bilinear@train"]
+  entries = ["magnitude", "oba", "oba@sum", "oba_bilinear@eval"]
   results = run(compare_criteria, tmp_path, criteria=",".join(entries), targets=(0.5,))
   check_consistent(results, entries, [0.5])
   assert results["importance"]["criteria"] == entries
   assert results["importance"]["per_criterion"] == {
-      "oba@sum": {"reduction": "sum", "batchnorm": "eval", "procedure": "official",
+      "oba@sum": {"reduction": "sum", "batchnorm": "train", "procedure": "official",
                   "ranking": "score"},
-      "oba_bilinear@train": {"reduction": "paper", "batchnorm": "train",
-                             "procedure": "official", "ranking": "score"}}
+      "oba_bilinear@eval": {"reduction": "paper", "batchnorm": "eval",
+                            "procedure": "official", "ranking": "score"}}
   assert os.path.isdir(tmp_path / "oba@sum" / "0.5")
 
 
@@ -177,7 +177,7 @@ def test_fine_tuning_is_evaluated_at_the_budgets_asked_for(tmp_path):
     assert list(row["accuracy_at_steps"]) == ["1", "2", "3"]
     assert row["accuracy_at_steps"]["3"] == row["accuracy"]  # the end is the tuned model's
   assert results["importance"]["per_criterion"]["taylor@per_cost@library"] == {
-      "reduction": "paper", "batchnorm": "eval", "procedure": "library", "ranking": "per_cost"}
+      "reduction": "paper", "batchnorm": "train", "procedure": "library", "ranking": "per_cost"}
 
 
 @pytest.mark.parametrize("overrides, error, message", [
