@@ -7,9 +7,8 @@ import pytest
 from flax import nnx
 
 from oba_jax import batchnorm, criteria, masks, plan, procedure, prune
-from oba_jax.models import ResNetCIFAR
 from oba_jax.structure import Group, Member, Structure, Term
-from tests.test_prune import BATCHES, KEY, X
+from tests.test_prune import BATCHES, KEY, X, resnet  # noqa: F401 (a fixture)
 
 # --- schedules ------------------------------------------------------------------
 
@@ -114,13 +113,6 @@ def test_per_cost_divides_by_what_one_index_saves():
 
 
 # --- drivers ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def resnet():
-  model = ResNetCIFAR(8, width=4, in_channels=1, rngs=nnx.Rngs(0))
-  model.eval()
-  return model
 
 
 def test_official_one_shot_stops_at_the_first_step_that_meets_the_target(resnet):
