@@ -1,0 +1,99 @@
+"""Equinox, haiku and penzai models through the public API, float64, exact.
+
+For each framework: OBA's scores equal δ ⊙ Hδ / 2 with the dense Hessian; a mask
+tree built of the framework's own node types (an `eqx.Module` is callable) is a
+mask, not a predicate; trace → paper group scores → select → `compact_fn`
+computes what the masked model computes, and `flops.count` of the result is the
+plan's prediction.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from frameworks import FRAMEWORKS, IN_FEATURES, OUT_FEATURES, equinox_mlp, penzai_mlp
+from numerics import rel_err, x64  # noqa: F401 - x64 is an autouse fixture
+from oba_jax import flops, masks, plan, scores, structure, surgery
+from oba_jax.delta import prunable_mask, removal_delta
+
+
+def regression_batch(seed=0, n=5):
+  kx, ky = jax.random.split(jax.random.key(seed))
+  return {"x": jax.random.normal(kx, (n, IN_FEATURES)),
+          "y": jax.random.normal(ky, (n, OUT_FEATURES))}
+
+
+def squared_error(apply_fn):
+  return lambda p, b: jnp.mean((apply_fn(p, b["x"]) - b["y"]) ** 2)
+
+
+@pytest.mark.parametrize("name", sorted(FRAMEWORKS))
+def test_oba_equals_the_dense_hessian_reference(name):
+  apply_fn, params, prunable = FRAMEWORKS[name]()
+  loss, batch = squared_error(apply_fn), regression_batch()
+  got = scores.oba(loss, params, batch, prunable=prunable)
+  flat, unravel = ravel_pytree(params)
+  delta = ravel_pytree(removal_delta(params, prunable=prunable))[0]
+  hessian = jax.hessian(lambda f: loss(unravel(f), batch))(flat)
+  want = delta * (hessian @ delta) / 2
+  assert np.count_nonzero(want) > 0
+  assert rel_err(ravel_pytree(got)[0], want) < 1e-12
+
+
+@pytest.mark.parametrize("name", sorted(FRAMEWORKS))
+def test_a_mask_tree_of_the_frameworks_nodes_is_a_mask(name):
+  apply_fn, params, prunable = FRAMEWORKS[name]()
+  loss, batch = squared_error(apply_fn), regression_batch()
+  mask = prunable_mask(params, prunable)
+  assert jax.tree.structure(mask) == jax.tree.structure(params)
+  for criterion in (lambda **kw: scores.oba(loss, params, batch, **kw),
+                    lambda **kw: scores.magnitude(params, **kw),
+                    lambda **kw: scores.random(jax.random.key(0), params, **kw)):
+    assert rel_err(criterion(prunable=mask), criterion(prunable=prunable)) == 0
+  s = scores.magnitude(params, prunable=mask)
+  kept = masks.global_density(s, 0.5, prunable=mask)
+  assert masks.sparsity(kept, prunable=mask).total == pytest.approx(0.5, abs=0.05)
+
+
+def test_an_equinox_mask_is_not_called_as_a_predicate():
+  eqx = pytest.importorskip("equinox")
+  apply_fn, params, _ = equinox_mlp()
+  mask = prunable_mask(params)
+  assert isinstance(mask, eqx.Module) and callable(mask)  # what made it look like a predicate
+  loss = squared_error(apply_fn)
+  np.testing.assert_array_equal(
+      ravel_pytree(scores.obd(loss, params, regression_batch(), key=jax.random.key(1)))[0],
+      ravel_pytree(scores.obd(loss, params, regression_batch(), key=jax.random.key(1),
+                              prunable=mask))[0])
+
+
+@pytest.mark.parametrize("name", sorted(FRAMEWORKS))
+def test_structured_chain_compacts_exactly(name):
+  apply_fn, params, prunable = FRAMEWORKS[name]()
+  loss, batch = squared_error(apply_fn), regression_batch()
+  x = batch["x"]
+  traced = structure.trace(apply_fn, x, params=params)
+  assert traced.groups
+  grouped = structure.group_scores(traced, scores.oba(loss, params, batch, prunable=prunable),
+                                   reduction="paper", prunable=prunable)
+  chosen = plan.select(traced, grouped, target=plan.KeptFlops(0.5))
+  assert any(len(r) for r in chosen.removed.values())
+  small_fn, small_params = surgery.compact_fn(apply_fn, params, chosen)
+  masked = masks.apply_plan(params, traced, chosen)
+  np.testing.assert_allclose(small_fn(small_params, x), apply_fn(masked, x), rtol=1e-12,
+                             atol=1e-12)
+  counted = flops.count(small_fn, x, params=small_params)
+  assert (counted.macs, counted.params) == (chosen.predicted.macs, chosen.predicted.params)
+
+
+def test_paper_reduction_refuses_silent_zeros_when_the_naming_rule_misses():
+  apply_fn, params, prunable = penzai_mlp()
+  loss, batch = squared_error(apply_fn), regression_batch()
+  traced = structure.trace(apply_fn, batch["x"], params=params)
+  per_parameter = scores.oba(loss, params, batch, prunable=prunable)
+  with pytest.raises(ValueError, match=r"prunable=.*predicate or mask"):
+    structure.group_scores(traced, per_parameter, reduction="paper")
+  grouped = structure.group_scores(traced, per_parameter, reduction="paper", prunable=prunable)
+  assert all(np.any(v) for v in grouped.values())
