@@ -36,7 +36,8 @@ def penzai_mlp():
       dtype=jnp.float64)
   model = pz.nn.Sequential([
       linear("fc1", {"features": IN_FEATURES}, {"hidden": 6}, 0),
-      pz.nn.AddBias.from_config(name="fc1_bias", biased_axes={"hidden": 6}, dtype=jnp.float64),
+      pz.nn.AddBias.from_config(name="fc1_bias", init_base_rng=jax.random.key(2), biased_axes={"hidden": 6},
+                                dtype=jnp.float64),
       pz.nn.Elementwise(jax.nn.relu),
       linear("fc2", {"hidden": 6}, {"out": OUT_FEATURES}, 1),
   ])
