@@ -25,6 +25,11 @@ from oba_jax.estimate import data_mesh, pace, replicate, shard_batch, tree_add
 PyTree = Any
 
 
+def has_batchnorm(model: nnx.Module) -> bool:
+  """Whether `model` holds an `nnx.BatchNorm`, whose running statistics can go stale."""
+  return any(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_modules(model))
+
+
 def recalibrate(model: nnx.Module, batches: Iterable[PyTree], *, num_batches: int | None = None,
                 mesh: Mesh | None = None) -> nnx.Module:
   """A copy of `model` whose BatchNorm running mean and variance are the batches' averages.

@@ -46,12 +46,16 @@ class Criterion:
       Fisher diagonal runs the model one example at a time, the K-FAC factors
       read them from one backward pass of the batch), which needs inference-mode
       normalisation: with batch statistics the examples would interact.
+    official_schedule: the schedule the official code pairs with it
+      (`oba_jax.procedure`): "exponential" for OBA and FastOBA, "linear" for
+      every baseline (method notes §1.5, pitfall P12).
   """
 
   score: Callable[..., PyTree]
   uses_data: bool = True
   entrywise: bool = False
   per_example: bool = False
+  official_schedule: str = "linear"
 
 
 def _magnitude(objective, params, batch, key, delta=None):
@@ -103,6 +107,8 @@ def _oba_t12(objective, params, batch, key, delta=None):
                     first_order=True)
 
 
+_OBA_FAMILY = dict(official_schedule="exponential")  # OBA and FastOBA (Taylor orders >= 2)
+
 # Criteria by name. "taylor" is the first-order term gᵢδᵢ (the paper's Taylor
 # baseline, |θ·g| per channel after the reduction), "oba" the exact-Hessian OBA
 # score, "oba_bilinear" the official OBA code's quantity in any BatchNorm mode
@@ -121,13 +127,13 @@ CRITERIA = types.MappingProxyType(
         obd_fisher=Criterion(functools.partial(_obd, diag="fisher"), entrywise=True,
                              per_example=True),
         obd_hutchinson=Criterion(functools.partial(_obd, diag="hutchinson"), entrywise=True),
-        oba=Criterion(functools.partial(_oba, curvature="hessian")),
-        oba_residual=Criterion(functools.partial(_oba, curvature="residual")),
-        oba_ggn=Criterion(functools.partial(_oba, curvature="ggn")),
-        oba_bilinear=Criterion(functools.partial(_oba, curvature="bilinear")),
-        taylor3=Criterion(functools.partial(_taylor, order=3)),
-        taylor4=Criterion(functools.partial(_taylor, order=4)),
-        oba_t12=Criterion(_oba_t12),
+        oba=Criterion(functools.partial(_oba, curvature="hessian"), **_OBA_FAMILY),
+        oba_residual=Criterion(functools.partial(_oba, curvature="residual"), **_OBA_FAMILY),
+        oba_ggn=Criterion(functools.partial(_oba, curvature="ggn"), **_OBA_FAMILY),
+        oba_bilinear=Criterion(functools.partial(_oba, curvature="bilinear"), **_OBA_FAMILY),
+        taylor3=Criterion(functools.partial(_taylor, order=3), **_OBA_FAMILY),
+        taylor4=Criterion(functools.partial(_taylor, order=4), **_OBA_FAMILY),
+        oba_t12=Criterion(_oba_t12, **_OBA_FAMILY),
         activation_norm=Criterion(_activation_norm, entrywise=True),
         kron_obd=Criterion(functools.partial(_kron, saliency=scores.kron_obd), entrywise=True,
                            per_example=True),

@@ -228,8 +228,8 @@ def select(
   if not structure.groups:
     raise ValueError("the structure has no groups to prune.")
   _check_caps(max_ratio, round_to, min_channels)
-  scores = _checked_group_scores(structure, group_scores)
-  before = _checked_removed(structure, already_removed or {})
+  scores = checked_group_scores(structure, group_scores)
+  before = checked_removed(structure, already_removed or {})
   dense = structure.cost()
   budget = target.ratio * getattr(dense, target.measure)
   if not budget:
@@ -263,9 +263,15 @@ def select(
   widths = widths_after(cuts[lo])
   removed = {name: np.union1d(before[name], order[:width_now - width])
              for name, order, width_now, width in zip(names, orders, current, widths)}
-  kept_widths = dict(zip(names, widths.tolist()))
+  return from_removed(structure, removed)
+
+
+def from_removed(structure: Structure, removed: Mapping[str, Sequence[int]]) -> Plan:
+  """The plan removing `removed` ({group name: indices}, every group named) from `structure`."""
+  kept_widths = {g.name: g.size - len(removed[g.name]) for g in structure.groups}
   return Plan(removed=removed, kept_widths=kept_widths, predicted=structure.cost(kept_widths),
-              dense=dense, structure_fingerprint=fingerprint(structure), structure=structure)
+              dense=structure.cost(), structure_fingerprint=fingerprint(structure),
+              structure=structure)
 
 
 def _ranking(structure: Structure, scores: Mapping[str, np.ndarray],
@@ -322,7 +328,8 @@ def _check_caps(max_ratio, round_to, min_channels) -> None:
                      "removed whole).")
 
 
-def _checked_group_scores(structure: Structure, group_scores) -> dict[str, np.ndarray]:
+def checked_group_scores(structure: Structure, group_scores) -> dict[str, np.ndarray]:
+  """`group_scores` as float64 vectors, one per group of `structure`, or a ValueError."""
   names = [g.name for g in structure.groups]
   missing = [n for n in names if n not in group_scores]
   unknown = [n for n in group_scores if n not in set(names)]
@@ -337,7 +344,8 @@ def _checked_group_scores(structure: Structure, group_scores) -> dict[str, np.nd
   return check_finite(scores, "group_scores")
 
 
-def _checked_removed(structure: Structure, already_removed) -> dict[str, np.ndarray]:
+def checked_removed(structure: Structure, already_removed) -> dict[str, np.ndarray]:
+  """{group name: unique removed indices} for every group, checked against the sizes."""
   sizes = {g.name: g.size for g in structure.groups}
   unknown = [n for n in already_removed if n not in sizes]
   if unknown:

@@ -6,18 +6,24 @@ the scores into a decision and zero what it removes. A removed slice stays in
 the model as zeros, so every step scores a model of the original shapes and the
 next decision extends the last one.
 
-- `one_shot`: S steps along a kept-cost schedule to one target, with scores
-  re-estimated before every step and no fine-tuning in between (the paper's
-  one-shot pruning, method notes §4.3); the caller fine-tunes the result once.
+- `one_shot`: S steps toward one target, with scores re-estimated before
+  every step and no fine-tuning in between (the paper's one-shot pruning,
+  method notes §4.3); the caller fine-tunes the result once.
 - `iterative`: the same steps toward decreasing targets, fine-tuning with an
   injected function after each target and continuing from the fine-tuned model
   (method notes §4.4).
 - `unstructured`: masks of individual weights along a density sweep (§4.5).
 
-What to do is data: a frozen `StructuredConfig` (criterion, targets, schedule,
-steps, batches per step, reduction, selection caps) or `UnstructuredConfig`,
-checked when it is built, so a bad setting fails before any work. What to run
-it on (model, batches, PRNG key, mesh, callback) are the drivers' arguments:
+Every step scores the network the earlier steps left: with running-statistics
+BatchNorm, the masked model's statistics are re-estimated first
+(`StructuredConfig.recalibration_batches`), since the dense model's would
+normalise it to near chance.
+
+What to do is data: a frozen `StructuredConfig` (criterion, targets, step rule,
+schedule, steps, batches per step, reduction, ranking, selection caps) or
+`UnstructuredConfig` (`oba_jax.pruning_config`, re-exported here), checked when
+it is built, so a bad setting fails before any work. What to run it on (model,
+batches, PRNG key, mesh, callback) are the drivers' arguments:
 
   config = prune.StructuredConfig(criterion="oba", targets=0.5, steps=5)
   result = prune.one_shot(model, example_input, batches, config, key=key)
@@ -25,16 +31,16 @@ it on (model, batches, PRNG key, mesh, callback) are the drivers' arguments:
 Section numbers refer to the method notes, `../shared/docs/oba_method.md` in the
 project workspace.
 
-The decisions are the library's own: `structure.group_scores` and `plan.select`
-for structured steps, `masks.global_density` or `masks.layerwise_density` for
-unstructured ones; `surgery.compact` builds the smaller model at the end.
+The decisions are the library's own: `structure.group_scores`, then
+`plan.select` or the official rule (`oba_jax.procedure`) for structured steps,
+`masks.global_density` or `masks.layerwise_density` for unstructured ones;
+`surgery.compact` builds the smaller model at the end.
 Models passed in are never modified. This module must not import the
 experiments package.
 """
 
 import dataclasses
 import time
-import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -44,100 +50,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from oba_jax import flops, masks, plan, structure, surgery
-from oba_jax.criteria import BATCHNORM_MODES, CRITERIA, importance
-from oba_jax.validate import check_choice, check_count, check_decreasing
+from oba_jax import batchnorm, flops, masks, plan, procedure, structure, surgery
+from oba_jax.criteria import importance, uses_batch_statistics
+from oba_jax.pruning_config import (DENSITY_SCOPES, SCHEDULES, StructuredConfig,
+                                    UnstructuredConfig)
 
 PyTree = Any
-StructuredTarget = plan.KeptFlops | plan.KeptParams
-
-# Kept-cost schedules by name: the OBA runs use "exponential", the baselines "linear".
-SCHEDULES = types.MappingProxyType(
-    dict(exponential=plan.exponential_schedule, linear=plan.linear_schedule)
-)
-
-# Unstructured rankings by name: one over all weights (the paper's), or one per leaf.
-DENSITY_SCOPES = types.MappingProxyType(
-    {"global": masks.global_density, "layerwise": masks.layerwise_density}
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class StructuredConfig:
-  """How to prune channels, heads and features: checked when built.
-
-  Attributes:
-    criterion: a name in `criteria.CRITERIA`.
-    targets: kept fractions of the dense MACs (floats, the paper's targets), or
-      `plan.KeptFlops` / `plan.KeptParams` of one kind, strictly decreasing,
-      each in (0, 1]; one value (not in a tuple) is one target. `one_shot`
-      takes one target, `iterative` any number.
-    steps: the schedule's scoring and selection steps, S (to the last target).
-    schedule: a name in `SCHEDULES`.
-    reduction: the group score reduction, a name in `structure.REDUCTIONS`.
-    scope, max_ratio, round_to: as in `plan.select`.
-    ignore: parameter path prefixes never pruned, as in `structure.trace`.
-    num_batches: batches averaged per step (None: all of `batches`).
-    batchnorm: the BatchNorm mode of scoring, "train" (batch statistics, as the
-      official pipeline scores) or "eval"; None: the model's own mode.
-  """
-
-  criterion: str
-  targets: tuple[StructuredTarget, ...]
-  steps: int = 50
-  schedule: str = "exponential"
-  reduction: str = "paper"
-  scope: str = "global"
-  max_ratio: float = 0.95
-  round_to: int | None = None
-  ignore: tuple[str, ...] = ()
-  num_batches: int | None = 200
-  batchnorm: str | None = None
-
-  def __post_init__(self):
-    _check_scoring(self.criterion, self.batchnorm)
-    object.__setattr__(self, "targets", plan.structured_targets(self.targets))
-    check_count(self.steps, "steps")
-    check_choice("schedule", self.schedule, SCHEDULES)
-    check_choice("reduction", self.reduction, structure.REDUCTIONS)
-    check_choice("scope", self.scope, plan.SCOPES)
-    object.__setattr__(self, "ignore", tuple(self.ignore))
-    _check_num_batches(self.num_batches)
-
-  @property
-  def selection(self) -> dict:
-    """`plan.select`'s keyword arguments."""
-    return dict(scope=self.scope, max_ratio=self.max_ratio, round_to=self.round_to)
-
-
-@dataclasses.dataclass(frozen=True)
-class UnstructuredConfig:
-  """How to prune single weights along a density sweep: checked when built.
-
-  Attributes:
-    criterion: a name in `criteria.CRITERIA`.
-    densities: kept fractions of the prunable entries, strictly decreasing,
-      each in (0, 1].
-    steps_per_density: steps from one density to the next.
-    scope: a name in `DENSITY_SCOPES`.
-    num_batches: batches averaged per step (None: all of `batches`).
-    batchnorm: the BatchNorm mode of scoring, as in `StructuredConfig`.
-  """
-
-  criterion: str
-  densities: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
-  steps_per_density: int = 1
-  scope: str = "global"
-  num_batches: int | None = 200
-  batchnorm: str | None = None
-
-  def __post_init__(self):
-    _check_scoring(self.criterion, self.batchnorm)
-    check_decreasing(self.densities, "densities")
-    object.__setattr__(self, "densities", tuple(self.densities))
-    check_count(self.steps_per_density, "steps_per_density")
-    check_choice("scope", self.scope, DENSITY_SCOPES)
-    _check_num_batches(self.num_batches)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,11 +64,15 @@ class StepRecord:
 
   Attributes:
     step: the step's index in the run, from 0.
-    target: the kept fraction of the dense cost (MACs or parameters) it met.
+    target: the "library" procedure: the kept fraction of the dense cost
+      (MACs or parameters) the step met; "official": the removed-channel
+      ratio r_s of the step.
     kept_macs: the plan's kept MACs over the dense MACs.
     kept_params: the plan's kept parameters over the dense parameters.
-    seconds: wall time of scoring, selection and masking.
+    seconds: wall time of recalibration, scoring, selection and masking.
     score_seconds: the part of it spent scoring (compilation included).
+    recalibration_batches: batches that re-estimated the BatchNorm statistics
+      of the scored model before this step (0: it scored them as they were).
   """
 
   step: int
@@ -159,6 +81,7 @@ class StepRecord:
   kept_params: float
   seconds: float
   score_seconds: float
+  recalibration_batches: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,18 +119,17 @@ def one_shot(
     mesh: Mesh | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
+    calibration: Iterable[PyTree] | None = None,
 ) -> PruneResult:
-  """Prunes channels to the target of `config` in `config.steps` steps, re-scoring before each.
+  """Prunes channels to the target of `config`, re-scoring before each step.
 
   The paper's one-shot pruning: step s scores the current masked model, reduces
-  the scores per group and selects the removals that meet the schedule's s-th
-  kept-cost ratio, extending the previous removals. There is no fine-tuning
-  between steps; the last step meets the target.
-
-  The official code schedules the removed *channel* ratio (exponentially to
-  R = 1 - 0.9 * target) and stops once the FLOPs reach the target. Here the
-  schedule (`plan.exponential_schedule`, `plan.linear_schedule`) is on the kept
-  cost itself, which the exact cost model meets at every step.
+  the scores per group and removes more indices, extending the previous
+  removals. There is no fine-tuning between steps. With the "library"
+  procedure the s-th of `config.steps` steps meets the schedule's s-th kept-cost
+  ratio (`plan.exponential_schedule`, `plan.linear_schedule`) and the last meets
+  the target; with "official" the steps follow the official removed-channel
+  schedule and stop once the cost meets the target (`oba_jax.procedure`).
 
   Args:
     model: the dense NNX model (left unchanged).
@@ -219,6 +141,9 @@ def one_shot(
     mesh: the device mesh for scoring.
     callback: called after every step with its record, masked model and plan.
     progress: show a progress bar while scoring.
+    calibration: the batches that recalibrate BatchNorm before each step
+      (`config.recalibration_batches` of them per step; None: read them from
+      `batches`).
   """
   _check_config(config, StructuredConfig)
   if len(config.targets) != 1:
@@ -226,7 +151,7 @@ def one_shot(
         f"one_shot prunes to one target, got targets={config.targets}: use `iterative`, or "
         "one_shot once per target (dataclasses.replace(config, targets=t)).")
   (result,) = _structured(model, example_input, batches, config, None, key=key, mesh=mesh,
-                          callback=callback, progress=progress)
+                          callback=callback, progress=progress, calibration=calibration)
   return result
 
 
@@ -241,6 +166,7 @@ def iterative(
     mesh: Mesh | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
+    calibration: Iterable[PyTree] | None = None,
 ) -> tuple[PruneResult, ...]:
   """Prunes to each of the decreasing `config.targets` in turn, fine-tuning after each.
 
@@ -266,16 +192,18 @@ def iterative(
   if not callable(finetune):
     raise TypeError(f"finetune={finetune!r} is not a callable(masked_model, plan) -> model.")
   return _structured(model, example_input, batches, config, finetune, key=key, mesh=mesh,
-                     callback=callback, progress=progress)
+                     callback=callback, progress=progress, calibration=calibration)
 
 
 @dataclasses.dataclass(frozen=True)
 class DensityStep:
-  """One unstructured pruning step: the kept fraction of the prunable entries, the wall time."""
+  """One unstructured pruning step: the kept fraction of the prunable entries, the wall time,
+  and the batches that recalibrated BatchNorm before it (as in `StepRecord`)."""
 
   step: int
   density: float
   seconds: float
+  recalibration_batches: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,6 +240,7 @@ def unstructured(
     mesh: Mesh | None = None,
     callback: DensityCallback | None = None,
     progress: bool = False,
+    calibration: Iterable[PyTree] | None = None,
 ) -> tuple[SparseResult, ...]:
   """Masks single weights along the decreasing `config.densities`, re-scoring at every step.
 
@@ -326,7 +255,7 @@ def unstructured(
     model: the dense NNX model (left unchanged).
     batches: the scoring batches, as in `one_shot`.
     config: what to prune and how.
-    key, mesh, progress: as in `one_shot`.
+    key, mesh, progress, calibration: as in `one_shot`.
     callback: called after every step with its record, masked model and mask.
 
   Returns:
@@ -334,18 +263,21 @@ def unstructured(
   """
   _check_config(config, UnstructuredConfig)
   keep_largest = DENSITY_SCOPES[config.scope]
+  recalibrate = _recalibration(model, config, batches if calibration is None else calibration,
+                               mesh)
   results, mask, masked, above, step = [], None, model, 1.0, 0
   for density in config.densities:
     ratios = plan.exponential_schedule(density / above, config.steps_per_density)
     history = []
     for step_density in [above * r for r in ratios[:-1]] + [density]:
       start = time.perf_counter()
+      masked, recalibrated = recalibrate(masked, first=step == 0)
       score = importance(config.criterion, masked, batches, num_batches=config.num_batches,
                          key=jax.random.fold_in(key, step), mesh=mesh, progress=progress,
                          batchnorm=config.batchnorm)
       mask = jax.block_until_ready(keep_largest(_below_kept(score, mask), step_density))
       masked = masks.apply(model, mask)
-      history.append(DensityStep(step, step_density, time.perf_counter() - start))
+      history.append(DensityStep(step, step_density, time.perf_counter() - start, recalibrated))
       if callback is not None:
         callback(history[-1], masked, mask)
       step += 1
@@ -365,48 +297,69 @@ def _structured(
     mesh: Mesh | None,
     callback: StepCallback | None,
     progress: bool,
+    calibration: Iterable[PyTree] | None,
 ) -> tuple[PruneResult, ...]:
   """Structured steps along the schedule to the last target, stopping at every target.
 
-  The steps toward a target take the schedule's ratios between it and the
-  previous target and end at the target itself; `finetune` (if any) runs at
-  every target.
+  With the "library" procedure the steps toward a target take the schedule's
+  kept-cost ratios between it and the previous target and end at the target
+  itself; with "official" they take the next channel ratios of one schedule
+  until the cost meets the target. `finetune` (if any) runs at every target.
   """
   targets = config.targets
-  ratios = SCHEDULES[config.schedule](targets[-1].ratio, config.steps)
   traced = structure.trace(model, example_input, ignore=config.ignore)
   # Whether the caps allow the last target does not depend on the scores: check it
   # (and the selection settings) before scoring anything.
   zeros = {g.name: np.zeros(g.size) for g in traced.groups}
   plan.select(traced, zeros, target=targets[-1], **config.selection)
+  official = config.procedure == "official"
+  if official:
+    ratios = iter(procedure.channel_ratios(config.schedule_name, targets[-1].ratio, config.steps))
+  else:
+    ratios = SCHEDULES[config.schedule_name](targets[-1].ratio, config.steps)
+  recalibrate = _recalibration(model, config, batches if calibration is None else calibration,
+                               mesh)
 
   results, chosen, masked, above, step = [], None, model, 1.0, 0
   for target in targets:
-    history = []
-    for ratio in [r for r in ratios if target.ratio < r < above] + [target.ratio]:
+    history, measure = [], target.measure
+    steps = ratios if official else [r for r in ratios if target.ratio < r < above] + [
+        target.ratio]
+    for ratio in steps:
       start = time.perf_counter()
+      masked, recalibrated = recalibrate(masked, first=step == 0)
+      scored = time.perf_counter()
       score = importance(config.criterion, masked, batches, num_batches=config.num_batches,
                          key=jax.random.fold_in(key, step), mesh=mesh, progress=progress,
                          batchnorm=config.batchnorm)
       jax.block_until_ready(score)
-      score_seconds = time.perf_counter() - start
-      chosen = plan.select(
-          traced,
-          structure.group_scores(traced, score, reduction=config.reduction),
-          target=type(target)(ratio),
-          already_removed=None if chosen is None else chosen.removed,
-          **config.selection,
-      )
+      score_seconds = time.perf_counter() - scored
+      removed = {} if chosen is None else chosen.removed
+      ranked = structure.group_scores(traced, score, reduction=config.reduction)
+      if config.ranking == "per_cost":
+        ranked = procedure.per_cost(traced, ranked, removed, measure)
+      if official:
+        chosen = procedure.official_step(traced, ranked, ratio=ratio, max_ratio=config.max_ratio,
+                                         round_to=config.round_to, already_removed=removed)
+      else:
+        chosen = plan.select(traced, ranked, target=type(target)(ratio),
+                             already_removed=removed, **config.selection)
       masked = masks.apply(model, chosen)
       kept, dense = chosen.predicted, chosen.dense
-      seconds = time.perf_counter() - start
-      history.append(
-          StepRecord(step, ratio, kept.macs / dense.macs, kept.params / dense.params, seconds,
-                     score_seconds)
-      )
+      history.append(StepRecord(step, ratio, kept.macs / dense.macs, kept.params / dense.params,
+                                time.perf_counter() - start, score_seconds, recalibrated))
       if callback is not None:
         callback(history[-1], masked, chosen)
       step += 1
+      if official and getattr(kept, measure) <= target.ratio * getattr(dense, measure):
+        break
+    else:
+      if official:
+        raise ValueError(
+            f"procedure='official' did not reach {target} in steps={config.steps}: the last "
+            f"step keeps {getattr(kept, measure) / getattr(dense, measure):.4g} of the "
+            f"{measure} (its channel ratio ends at R = 1 - 0.9 * {targets[-1].ratio}). Use "
+            "more steps, a higher max_ratio or procedure='library'.")
     if finetune is not None:
       model = masked = masks.apply(finetune(masked, chosen), chosen)
     compacted = surgery.compact(masked, chosen)
@@ -414,6 +367,29 @@ def _structured(
     results.append(PruneResult(chosen, masked, compacted, counted, tuple(history)))
     above = target.ratio
   return tuple(results)
+
+
+def _recalibration(model: nnx.Module, config, calibration: Iterable[PyTree],
+                   mesh: Mesh | None) -> Callable[..., tuple[nnx.Module, int]]:
+  """`recalibrate(masked, first) -> (model to score, batches read)` for a run of `config`.
+
+  Before every step but the first, a model scored with running-statistics
+  BatchNorm gets statistics of its own (`batchnorm.recalibrate`): the dense
+  model's statistics do not fit a network with channels removed, which then
+  computes something close to chance. Batch statistics (`batchnorm="train"`,
+  or a model in training mode) follow the pruned network by themselves.
+  """
+  count = config.recalibration_batches
+  mode = config.batchnorm or ("train" if uses_batch_statistics(model) else "eval")
+  if not count or mode == "train" or not batchnorm.has_batchnorm(model):
+    return lambda masked, first: (masked, 0)
+
+  def recalibrate(masked, first):
+    if first:
+      return masked, 0
+    return batchnorm.recalibrate(masked, calibration, num_batches=count, mesh=mesh), count
+
+  return recalibrate
 
 
 def _below_kept(score: PyTree, mask: PyTree | None) -> PyTree:
@@ -434,17 +410,3 @@ def _below_kept(score: PyTree, mask: PyTree | None) -> PyTree:
 def _check_config(config, kind: type) -> None:
   if not isinstance(config, kind):
     raise TypeError(f"config must be a prune.{kind.__name__}, got {type(config).__name__}.")
-
-
-def _check_scoring(criterion: str, batchnorm: str | None) -> None:
-  check_choice("criterion", criterion, CRITERIA)
-  if batchnorm is not None:
-    check_choice("batchnorm", batchnorm, BATCHNORM_MODES)
-  if batchnorm == "train" and CRITERIA[criterion].per_example:
-    raise ValueError(f"criterion {criterion!r} runs the model one example at a time, which "
-                     "batch-statistics BatchNorm cannot do: use batchnorm='eval' with it.")
-
-
-def _check_num_batches(num_batches) -> None:
-  if num_batches is not None:
-    check_count(num_batches, "num_batches")
