@@ -4,8 +4,11 @@ For each framework: OBA's scores equal δ ⊙ Hδ / 2 with the dense Hessian; a 
 tree built of the framework's own node types (an `eqx.Module` is callable) is a
 mask, not a predicate; trace → paper group scores → select → `compact_fn`
 computes what the masked model computes, and `flops.count` of the result is the
-plan's prediction.
+plan's prediction; the pruning drivers run on the function with a regression
+loss (not a classification).
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +18,9 @@ from jax.flatten_util import ravel_pytree
 
 from frameworks import FRAMEWORKS, IN_FEATURES, OUT_FEATURES, equinox_mlp, penzai_mlp
 from numerics import rel_err, x64  # noqa: F401 - x64 is an autouse fixture
-from oba_jax import flops, masks, plan, scores, structure, surgery
+from oba_jax import flops, masks, plan, prune, scores, structure, surgery
 from oba_jax.delta import prunable_mask, removal_delta
+from oba_jax.model_view import Compacted
 
 
 def regression_batch(seed=0, n=5):
@@ -97,3 +101,59 @@ def test_paper_reduction_refuses_silent_zeros_when_the_naming_rule_misses():
     structure.group_scores(traced, per_parameter, reduction="paper")
   grouped = structure.group_scores(traced, per_parameter, reduction="paper", prunable=prunable)
   assert all(np.any(v) for v in grouped.values())
+
+
+# --- the drivers, on a function and a regression loss ------------------------------
+
+
+def regression_batches(count=2):
+  return [regression_batch(seed) for seed in range(count)]
+
+
+def regression_objective(apply_fn):
+  """Not a classification: the mean squared error of `batch["x"]` against `batch["y"]`."""
+  return squared_error(apply_fn)
+
+
+@pytest.mark.parametrize("name", sorted(FRAMEWORKS))
+def test_one_shot_prunes_a_function_with_a_regression_loss(name):
+  apply_fn, params, prunable = FRAMEWORKS[name]()
+  x = regression_batch()["x"]
+  config = prune.StructuredConfig(criterion="oba", targets=0.5, steps=2, num_batches=2)
+  result = prune.one_shot(apply_fn, x, regression_batches(), config, key=jax.random.key(0),
+                          params=params, objective=regression_objective, prunable=prunable)
+  assert isinstance(result.compacted, Compacted) and len(result.history) == 2
+  assert result.plan.predicted.macs <= 0.5 * result.plan.dense.macs
+  np.testing.assert_allclose(result.compacted.apply_fn(result.compacted.params, x),
+                             apply_fn(result.masked, x), rtol=1e-12, atol=1e-12)
+  assert result.counted.macs == result.plan.predicted.macs
+  # The masked parameters are the plan's mask applied to the dense ones.
+  want = masks.apply_plan(params, result.plan.structure, result.plan)
+  assert rel_err(result.masked, want) == 0
+
+
+@pytest.mark.parametrize("name", sorted(FRAMEWORKS))
+def test_unstructured_prunes_a_function_with_a_regression_loss(name):
+  apply_fn, params, prunable = FRAMEWORKS[name]()
+  config = prune.UnstructuredConfig("taylor", densities=(0.5,), num_batches=2)
+  (result,) = prune.unstructured(apply_fn, regression_batches(), config, key=jax.random.key(0),
+                                 params=params, objective=regression_objective,
+                                 prunable=prunable)
+  assert masks.sparsity(result.mask, prunable=prunable).total == pytest.approx(0.5, abs=0.02)
+  assert rel_err(result.masked, masks.apply(params, result.mask)) == 0
+
+
+def test_drivers_refuse_bad_functional_input_before_work():
+  apply_fn, params, _ = penzai_mlp()
+  x = regression_batch()["x"]
+  config = prune.StructuredConfig(criterion="oba", targets=0.5, steps=1, num_batches=1)
+  never = iter(())  # scoring would fail on an empty iterator: the checks come first
+  with pytest.raises(ValueError, match="no parameter is prunable.*prunable=lambda"):
+    prune.one_shot(apply_fn, x, never, config, key=jax.random.key(0), params=params,
+                   objective=regression_objective)
+  with pytest.raises(TypeError, match="with params="):
+    prune.one_shot(apply_fn, x, never, config, key=jax.random.key(0))
+  ggn = dataclasses.replace(config, criterion="oba_ggn")
+  with pytest.raises(ValueError, match="'oba_ggn' needs the objective's model"):
+    prune.one_shot(apply_fn, x, never, ggn, key=jax.random.key(0), params=params,
+                   objective=regression_objective, prunable=lambda path, leaf: True)
