@@ -17,6 +17,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from frameworks import FRAMEWORKS, IN_FEATURES, OUT_FEATURES, equinox_mlp, penzai_mlp
+import oba_jax
 from numerics import rel_err, x64  # noqa: F401 - x64 is an autouse fixture
 from oba_jax import flops, masks, plan, prune, scores, structure, surgery
 from oba_jax.delta import prunable_mask, removal_delta
@@ -157,3 +158,24 @@ def test_drivers_refuse_bad_functional_input_before_work():
   with pytest.raises(ValueError, match="'oba_ggn' needs the objective's model"):
     prune.one_shot(apply_fn, x, never, ggn, key=jax.random.key(0), params=params,
                    objective=regression_objective, prunable=lambda path, leaf: True)
+
+
+def test_one_shot_prunes_an_nnx_language_model_with_the_next_token_loss():
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  import engine_models as em  # pylint: disable=import-outside-toplevel
+  surgery.register_resizer(em.CausalAttention, em.resize_causal_attention)
+  try:
+    model = em.TinyLM(nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (4, 5), 0, 11)
+    batches = [{"tokens": tokens, "mask": jnp.ones_like(tokens)}]
+    config = prune.StructuredConfig(criterion="oba", targets=plan.KeptParams(0.7), steps=2,
+                                    num_batches=1)
+    result = prune.one_shot(model, tokens[:1], batches, config, key=jax.random.key(0),
+                            objective=oba_jax.next_token)
+    np.testing.assert_allclose(result.compacted(tokens), result.masked(tokens), rtol=1e-5,
+                               atol=1e-5)
+    assert result.counted.params == result.plan.predicted.params
+    assert result.plan.predicted.params <= 0.7 * result.plan.dense.params
+  finally:
+    surgery._RESIZERS.pop(em.CausalAttention, None)
