@@ -127,7 +127,8 @@ def removal_delta(
       When given together with `prunable`, it is masked by `prunable`.
     prunable: which entries move: None (conv/dense kernels and biases), a
       predicate `(path, leaf) -> bool` with paths like 'conv1/kernel', or a pytree
-      like `params` of bools or bool arrays.
+      like `params` of bools or bool arrays, whatever its node types (an
+      `eqx.Module` mask is a mask although it is callable; see `is_predicate`).
   """
   if delta is None:
     delta = jax.tree.map(jnp.negative, params)

@@ -46,6 +46,7 @@ import numpy as np
 from flax import nnx
 
 from oba_jax import fold as _fold
+from oba_jax import masks
 from oba_jax.delta import KERNEL_NAMES, path_str
 from oba_jax.resizers import _RESIZERS, Factors, Resizer, register_resizer  # noqa: F401
 from oba_jax.structure.groups import Structure
@@ -61,7 +62,7 @@ fold_batchnorm, foldable_batchnorms, Identity = (
 
 
 class CompactionError(ValueError):
-  """`compact` built a module that does not compute the compacted function."""
+  """The compacted module or function would not compute what it should."""
 
 
 def compact_fn(apply_fn: Callable, params: Any, plan: "oba_jax.plan.Plan", *,
@@ -70,9 +71,12 @@ def compact_fn(apply_fn: Callable, params: Any, plan: "oba_jax.plan.Plan", *,
   """The compacted function and parameters: `(compact_apply, compact_params)`.
 
   `compact_apply(compact_params, *inputs)` computes what `apply_fn` computes
-  with the plan's slices zeroed (masked), except for groups flagged
-  `normalized`, at the narrower shapes. It works for any input shapes (each new
-  shape is traced once) and under `jax.jit`.
+  with the plan's slices zeroed (masked), at the narrower shapes. It works for
+  any input shapes (each new shape is traced once) and under `jax.jit`. When the
+  plan cuts a group flagged `normalized`, the normalisation keeps its original
+  divisor, which is exact for RMSNorm and mean(x²) − mean(x)² statistics but
+  not for a variance of centred values: so then both functions run on the
+  example inputs, and a difference raises `CompactionError`.
 
   Args:
     apply_fn: `apply_fn(params, *inputs)`, the function the structure was traced
@@ -82,12 +86,45 @@ def compact_fn(apply_fn: Callable, params: Any, plan: "oba_jax.plan.Plan", *,
     plan: from `plan.select`.
     structure: the structure the plan was selected on; defaults to `plan.structure`.
     example_inputs: inputs to trace at; defaults to the structure's.
+
+  Raises:
+    CompactionError: a cut `normalized` group changes the function, or cannot
+      be checked because no concrete example input is known.
   """
   structure = _structure_of(plan, structure)
   fn = lambda p, s, *inputs: (apply_fn(p, *inputs), s)
   inputs = structure.inputs if example_inputs is None else tuple(example_inputs)
   run, small, _ = _rebuilt(fn, params, {}, inputs, structure, plan.removed)
-  return (lambda p, *x: run(p, {}, *x)[0]), small
+  compacted = lambda p, *x: run(p, {}, *x)[0]
+  cut = _cut_normalized(structure, plan.removed)
+  if cut:
+    examples = inputs if _concrete(inputs) else structure.example
+    if examples is None:
+      raise CompactionError(
+          f"the plan cuts groups {cut[:4]}, which a normalisation reduces over, and no "
+          "concrete example input is known to check that the compacted function still "
+          "computes the masked one: pass example_inputs=(arrays, ...).")
+    masked = apply_fn(masks.apply_plan(params, structure, plan), *examples)
+    difference = _relative_difference(compacted(small, *examples), masked)
+    if difference is not None:
+      raise CompactionError(
+          f"the plan cuts groups {cut[:4]}, which a normalisation reduces over with "
+          "statistics that the removed features change (a variance of centred values), so "
+          "the compacted function computes another function than the masked model "
+          f"(relative difference {difference:.3g} on the example input). Keep those groups "
+          "(structure.trace(..., ignore=[...]) with parameters of theirs, e.g. "
+          f"{sorted({m.path for m in param_members(structure.group(cut[0]))})[:3]}) or use "
+          "the masked parameters.")
+  return compacted, small
+
+
+def _cut_normalized(structure: Structure, removed) -> list[str]:
+  """The names of the groups flagged `normalized` that lose indices."""
+  return [g.name for g in structure.groups if g.normalized and len(removed.get(g.name, ()))]
+
+
+def _concrete(tree) -> bool:
+  return all(isinstance(x, (np.ndarray, np.generic, jax.Array)) for x in jax.tree.leaves(tree))
 
 
 def _structure_of(plan, structure) -> Structure:
@@ -256,14 +293,14 @@ def _verify(dense: nnx.Module, new: nnx.Module, structure: Structure, removed, f
       *structure.example), run(small_params, small_state, *structure.example)[0])
   if difference is None:
     return
-  cut = [g for g in structure.groups if g.normalized and len(removed.get(g.name, ()))]
+  cut = _cut_normalized(structure, removed)
   if cut and renormalize:
     return
   if cut:
-    norms = _normalising_modules(new, cut)
+    norms = _normalising_modules(new, [structure.group(name) for name in cut])
     raise CompactionError(
         f"the compacted module computes other outputs than compact_fn on the traced example "
-        f"input (relative difference {difference:.3g}): groups {[g.name for g in cut][:4]} lost "
+        f"input (relative difference {difference:.3g}): groups {cut[:4]} lost "
         "indices, and a normalisation reduces over them (modules holding such features "
         f"outside conv and dense layers: {', '.join(norms) or 'none'}). The new module would "
         "normalise over the kept features only. Pass renormalize=True to "

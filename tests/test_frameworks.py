@@ -179,3 +179,32 @@ def test_one_shot_prunes_an_nnx_language_model_with_the_next_token_loss():
     assert result.plan.predicted.params <= 0.7 * result.plan.dense.params
   finally:
     surgery._RESIZERS.pop(em.CausalAttention, None)
+
+
+def test_iterative_fine_tunes_a_functions_parameters_between_targets():
+  apply_fn, params, prunable = equinox_mlp()
+  x = regression_batch()["x"]
+  tuned = []
+
+  def finetune(masked, chosen):  # a function's driver hands over and takes back parameters
+    tuned.append(chosen)
+    return jax.tree.map(lambda p: 1.5 * p, masked)
+
+  config = prune.StructuredConfig(criterion="taylor", targets=(0.7, 0.5), steps=2,
+                                  num_batches=1)
+  results = prune.iterative(apply_fn, x, regression_batches(1), config, finetune=finetune,
+                            key=jax.random.key(0), params=params,
+                            objective=regression_objective, prunable=prunable)
+  assert len(results) == len(tuned) == 2
+  for result in results:
+    assert rel_err(result.masked, masks.apply_plan(result.masked, result.plan.structure,
+                                                   result.plan)) == 0
+    np.testing.assert_allclose(result.compacted.apply_fn(result.compacted.params, x),
+                               apply_fn(result.masked, x), rtol=1e-12, atol=1e-12)
+  # The second target continued from the first one's fine-tuned parameters (tuned twice).
+  assert results[1].plan.predicted.macs <= 0.5 * results[1].plan.dense.macs
+  want = masks.apply_plan(jax.tree.map(lambda p: 2.25 * p, params), results[1].plan.structure,
+                          results[1].plan)
+  assert rel_err(results[1].masked, want) < 1e-15
+  for name, removed in results[0].plan.removed.items():
+    assert set(removed) <= set(results[1].plan.removed[name])

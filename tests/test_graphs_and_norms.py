@@ -152,3 +152,21 @@ def test_compact_refuses_other_normalisations_unless_asked(name, make, module):
   masked = masks.apply(model, chosen)(x)
   np.testing.assert_allclose(small_fn(small_params, x), masked, rtol=1e-5, atol=1e-6)  # float32 models
   assert float(jnp.linalg.norm(small(x) - masked)) > 1e-3 * float(jnp.linalg.norm(masked))
+
+
+def test_compact_fn_refuses_a_cut_centred_variance_normalisation():
+  eqx = pytest.importorskip("equinox")
+  k1, k2 = jax.random.split(jax.random.key(0))
+  model = [eqx.nn.Linear(3, 6, key=k1), eqx.nn.LayerNorm(6), eqx.nn.Linear(6, 2, key=k2)]
+  params, static = eqx.partition(model, eqx.is_array)
+
+  def apply_fn(p, x):  # eqx.nn.LayerNorm: the variance of centred values
+    first, norm, last = eqx.combine(p, static)
+    return jax.vmap(lambda v: last(jax.nn.relu(norm(first(v)))))(x)
+
+  x = jax.random.normal(jax.random.key(1), (4, 3))
+  s = trace(apply_fn, x, params=params)
+  (hidden,) = [g for g in s.groups if g.normalized]
+  chosen = plan.from_removed(s, {g.name: [0] if g is hidden else [] for g in s.groups})
+  with pytest.raises(surgery.CompactionError, match=r"another function than the masked model"):
+    surgery.compact_fn(apply_fn, params, chosen)
