@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The paired comparison of criteria (issue 15): three models x SEEDS on Fashion-MNIST, each run
-# `oba_jax.experiments.compare_criteria` (11 criteria x kept FLOPs 0.5/0.3/0.15, one dense model).
+# The paired comparison of criteria: models x SEEDS on Fashion-MNIST, each run
+# `oba_jax.experiments.compare_criteria` (its protocol: the official step rule, 32 batches of 64
+# per step, 3,000 fine-tuning steps; kept FLOPs 0.5/0.3/0.15; one dense model per seed).
 # Usage: bash experiments/compare_fashion_mnist.sh WORKDIR [SEEDS] [WORKERS]
 #   SEEDS defaults to "0 1 2 3 4", WORKERS to 2 (each pinned to one core). Runs go seed by seed,
 #   so a stopped comparison has the same seeds for every model; rerunning the command resumes it
 #   (finished runs are skipped, a killed one continues from its fine-tuning checkpoints).
-#   Optional: MODELS (default "resnet vgg vit"), CRITERIA (default: compare_criteria's), and
-#   DENSE_FROM=DIR to start each run from DIR/<model>/seed<k>/dense, the dense model of an earlier
-#   comparison, so that more criteria join it paired (same dense model, batches and order).
+#   Optional: MODELS (default "vgg resnet20 vit"; "resnet" is the ResNet-8 of the superseded
+#   comparison), CRITERIA (default: compare_criteria's), EXTRA (more --config flags for every
+#   run), and DENSE_FROM=DIR to start each run from DIR/<model>/seed<k>/dense, the dense model of
+#   an earlier run, so that more criteria join it paired (same dense model, batches and order).
+#   RECORD=DIR copies each finished run's results.json to DIR/<model>_seed<k>.json.
 #   Then: python experiments/summarize_compare.py WORKDIR/*/seed*/results.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,12 +18,13 @@ cd "$(dirname "$0")/.."
 WORKDIR=${1:?usage: compare_fashion_mnist.sh WORKDIR [SEEDS] [WORKERS]}
 SEEDS=${2:-0 1 2 3 4}
 WORKERS=${3:-2}
-MODELS=${MODELS:-resnet vgg vit}
+MODELS=${MODELS:-vgg resnet20 vit}
 mkdir -p "$WORKDIR"
 
 model_flags() {
   case $1 in
     resnet) echo "--config.model=resnet8_cifar --config.model_kwargs.width=16" ;;
+    resnet20) echo "--config.model=resnet20_cifar --config.model_kwargs.width=16" ;;
     vgg) echo "--config.model=vgg11_cifar --config.model_kwargs.width=16" ;;
     vit) echo "--config.model=vit --config.model_kwargs.image_size=28 \
       --config.model_kwargs.patch_size=7 --config.model_kwargs.hidden_dim=64 \
@@ -47,11 +51,16 @@ worker() {  # pops "model seed" lines off the queue until it is empty
     extra=()
     [ -z "${CRITERIA:-}" ] || extra+=("--config.criteria=$CRITERIA")
     [ -z "${DENSE_FROM:-}" ] || extra+=("--config.init.checkpoint=$DENSE_FROM/$model/seed$seed/dense")
+    # shellcheck disable=SC2206
+    [ -z "${EXTRA:-}" ] || extra+=($EXTRA)
     # shellcheck disable=SC2046
     taskset -c "$core" python -m oba_jax.experiments.compare_criteria \
       --workdir="$WORKDIR/$model/seed$seed" --config.seed="$seed" $(model_flags "$model") \
       "${extra[@]}" --config.progress=False > "$WORKDIR/$model-seed$seed.log" 2>&1 \
       || echo "$model seed $seed failed: see $WORKDIR/$model-seed$seed.log"
+    if [ -n "${RECORD:-}" ] && [ -f "$WORKDIR/$model/seed$seed/results.json" ]; then
+      mkdir -p "$RECORD" && cp "$WORKDIR/$model/seed$seed/results.json" "$RECORD/${model}_seed$seed.json"
+    fi
   done
 }
 

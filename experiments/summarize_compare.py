@@ -6,7 +6,10 @@
 Takes the `results.json` of every (model, seed) run, groups them by model, and prints per
 model the dense accuracy over seeds, the kept MACs reached, and one wide table per metric:
 each criterion's mean over seeds and its paired difference to the baseline with a 95%
-t-interval (`oba_jax.experiments.paired`). Writes one plot per model of those differences.
+t-interval (`oba_jax.experiments.paired`). Runs evaluated during fine-tuning
+(`finetune.eval_at`) also get the curve: the difference at every budget with its interval
+and the smallest difference the seeds could detect. Writes one plot per model of the
+differences, and one of the curves.
 """
 
 import argparse
@@ -63,6 +66,67 @@ def summarize(runs: list[dict], baseline: str) -> tuple[str, dict]:
   return "\n".join(lines), by_metric
 
 
+def summarize_curves(runs: list[dict], baseline: str) -> tuple[str, list[dict]]:
+  """Markdown of the accuracy against the fine-tuning budget, and its paired rows: per
+  target, one line per criterion and one column per budget (0: right after pruning, BatchNorm
+  recalibrated), each cell "difference to the baseline [95 % CI] (detectable difference)"."""
+  rows = paired.budget_rows(paired.pipeline_rows(runs))
+  budgets = sorted({r["budget"] for r in rows})
+  table = []
+  for budget in budgets:
+    for r in paired.paired_differences([r for r in rows if r["budget"] == budget], "accuracy",
+                                       baseline=baseline):
+      table.append(dict(r, budget=budget))
+  lines = []
+  for target in sorted({r["target"] for r in table}, reverse=True):
+    cells = {(r["criterion"], r["budget"]): r for r in table if r["target"] == target}
+    base = {r["budget"]: r["baseline_mean"] for r in cells.values()}
+    lines += [f"Kept FLOPs {target:g}: test accuracy after b fine-tuning steps; {baseline}'s "
+              "mean, then each criterion's paired difference to it [95% CI] (smallest "
+              "difference the seeds could detect, power 0.8):", "",
+              "| criterion | " + " | ".join(f"b = {b}" for b in budgets) + " |",
+              "|---" * (len(budgets) + 1) + "|",
+              f"| {baseline} | " + " | ".join(f"{base[b]:.3f}" for b in budgets) + " |"]
+    for criterion in dict.fromkeys(c for c, _ in cells):
+      text = []
+      for b in budgets:
+        r = cells[(criterion, b)]
+        mark = (" ▲" if r["difference"] > 0 else " ▼") if r["significant"] else ""
+        text.append(f"{r['difference']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] "
+                    f"({r['detectable']:.3f}){mark}")
+      lines.append(f"| {criterion} | " + " | ".join(text) + " |")
+    lines.append("")
+  return "\n".join(lines), table
+
+
+def plot_curves(label: str, table: list[dict], baseline: str, path: str) -> None:
+  """Accuracy difference to the baseline against the fine-tuning budget, one panel per target,
+  with each criterion's 95 % interval as a band."""
+  targets = sorted({r["target"] for r in table}, reverse=True)
+  budgets = sorted({r["budget"] for r in table})
+  position = {b: i for i, b in enumerate(budgets)}  # evenly spaced: 0, 100, 300, 1000, end
+  fig, axes = plt.subplots(1, len(targets), figsize=(4.5 * len(targets), 4), sharey=True,
+                           squeeze=False)
+  for ax, target in zip(axes[0], targets):
+    for criterion in dict.fromkeys(r["criterion"] for r in table):
+      rows = sorted((r for r in table if r["target"] == target and r["criterion"] == criterion),
+                    key=lambda r: r["budget"])
+      x = [position[r["budget"]] for r in rows]
+      line, = ax.plot(x, [r["difference"] for r in rows], marker="o", label=criterion)
+      ax.fill_between(x, [r["low"] for r in rows], [r["high"] for r in rows],
+                      color=line.get_color(), alpha=0.15)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(budgets)), [str(b) for b in budgets])
+    ax.set_xlabel("fine-tuning steps")
+    ax.set_title(f"kept FLOPs {target:g}", fontsize=10)
+  axes[0][0].set_ylabel(f"test accuracy − {baseline}")
+  axes[0][-1].legend(fontsize=7)
+  fig.suptitle(f"{label}: paired difference to {baseline}, 95% CI over seeds", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def plot(label: str, by_metric: dict, baseline: str, path: str) -> None:
   """Paired differences to the baseline with their intervals: metrics x targets."""
   metrics = [m for m in METRICS if m[0] in ("accuracy", "loss_after_pruning")]
@@ -97,7 +161,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("results", nargs="+", help="results.json of (model, seed) runs")
   parser.add_argument("--baseline", default="magnitude")
-  parser.add_argument("--plots", default=None, help="directory for one PNG per model")
+  parser.add_argument("--plots", default=None, help="directory for the PNGs of each model")
+  parser.add_argument("--prefix", default="compare_fashion_mnist", help="the PNGs' names")
   args = parser.parse_args()
   by_model = collections.defaultdict(list)
   for path in args.results:
@@ -107,10 +172,18 @@ def main():
   for label, runs in by_model.items():
     text, by_metric = summarize(runs, args.baseline)
     print(f"\n### {label}\n\n{text}")
+    curves = any("accuracy_at_steps" in row for r in runs for row in r["pruned"])
+    if curves:
+      text, table = summarize_curves(runs, args.baseline)
+      print(text)
     if args.plots:
-      name = f"compare_fashion_mnist_{runs[0]['config']['model']}.png"
+      name = f"{args.prefix}_{runs[0]['config']['model']}.png"
       plot(label, by_metric, args.baseline, os.path.join(args.plots, name))
       print(f"plot: {os.path.join(args.plots, name)}")
+      if curves:
+        name = f"{args.prefix}_{runs[0]['config']['model']}_curves.png"
+        plot_curves(label, table, args.baseline, os.path.join(args.plots, name))
+        print(f"plot: {os.path.join(args.plots, name)}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from oba_jax import runtime
 from oba_jax.estimate import data_mesh, pace, replicate, shard_batch, tree_add
 
 PyTree = Any
@@ -76,7 +77,7 @@ def recalibrate(model: nnx.Module, batches: Iterable[PyTree], *, num_batches: in
   return copy
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(runtime.jit, static_argnums=0)
 def _batch_statistics(graphdef: nnx.GraphDef, params: PyTree, state: PyTree,
                       images: jax.Array) -> dict:
   """{BatchNorm path: (batch mean, batch variance)} of one forward pass in training mode."""

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from oba_jax import runtime
 from oba_jax.estimate import DATA_AXIS, data_mesh, pace, replicate, shard_batch
 from oba_jax.functional import split_pure
 
@@ -50,7 +51,7 @@ def evaluate(
   return evaluate_split(graphdef, params, model_state, batches, mesh)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(runtime.jit, static_argnums=0)
 def _eval_sums(
     graphdef: nnx.GraphDef, params: PyTree, model_state: PyTree, batch: PyTree
 ) -> dict[str, jax.Array]:

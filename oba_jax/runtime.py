@@ -1,7 +1,10 @@
 """Process-level JAX settings shared by the command-line tools and benchmarks, and a compile counter."""
 
 import collections
+import functools
 import os
+import types
+from collections.abc import Callable
 
 import jax
 
@@ -10,6 +13,31 @@ DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "oba_jax", "jax"
 
 # XLA:CPU's pass that removes `optimization_barrier`s (named "cse_barrier_expander").
 BARRIER_EXPANDER = "cse_barrier_expander"
+KEEP_BARRIERS = types.MappingProxyType({"xla_disable_hlo_passes": BARRIER_EXPANDER})
+
+
+def jit(fun: Callable | None = None, **jit_kwargs) -> Callable:
+  """`jax.jit` that keeps optimization barriers when it runs on XLA:CPU, with no process flag.
+
+  The library's own programs (score accumulation, fine-tuning, evaluation, BatchNorm
+  recalibration) compile through this, so a deep ResNet gets XLA:CPU's flat per-layer
+  cost for a user who never called `keep_optimization_barriers` (which a user's own
+  `jax.jit`s still need). The option is a per-computation compiler option; other
+  backends compile as `jax.jit` does. Use as `jit(f, static_argnums=0)` or as
+  `@functools.partial(jit, donate_argnums=0)`.
+  """
+  if fun is None:
+    return functools.partial(jit, **jit_kwargs)
+  on_cpu = jax.jit(fun, compiler_options=dict(KEEP_BARRIERS), **jit_kwargs)
+  elsewhere = jax.jit(fun, **jit_kwargs)
+
+  @functools.wraps(fun)
+  def call(*args, **kwargs):
+    return (on_cpu if jax.default_backend() == "cpu" else elsewhere)(*args, **kwargs)
+
+  call.lower = lambda *args, **kwargs: (
+      on_cpu if jax.default_backend() == "cpu" else elsewhere).lower(*args, **kwargs)
+  return call
 
 
 def keep_optimization_barriers() -> bool:
@@ -22,8 +50,8 @@ def keep_optimization_barriers() -> bool:
   `jax.checkpoint` too. Appends `--xla_disable_hlo_passes=cse_barrier_expander` to
   XLA_FLAGS (merged with a list already there), which XLA reads when JAX's backends
   start: call before the first computation. Returns whether the flag is in effect
-  (False when the backends had started without it). For one computation instead:
-  `jax.jit(f).lower(...).compile({"xla_disable_hlo_passes": "cse_barrier_expander"})`.
+  (False when the backends had started without it). The library's own programs need
+  none of this: they compile through `jit`, which keeps the barriers per computation.
   """
   flags = os.environ.get("XLA_FLAGS", "").split()
   for i, flag in enumerate(flags):

@@ -20,10 +20,11 @@ the same devices, as a run that was never interrupted.
 The configuration (`TrainConfig`) and the optimizer it builds live in
 `oba_jax.train_config` and are importable from here.
 
-This module owns the optimisation: the step and the loop. Evaluation is `oba_jax.evaluation` (`evaluate` is importable from here
-too), the workdir's files are `oba_jax.runs`. It does not score, plan or build
-masks: a mask comes from `oba_jax.masks`, and `masks.keep_pruned` keeps it. It must not
-import the pruning modules (`criteria`, `prune`, `oracle`) or the experiments package.
+This module owns the optimisation: the step and the loop. Evaluation is
+`oba_jax.evaluation` (`evaluate` is importable from here too), the workdir's
+files are `oba_jax.runs`. It does not score, plan or build masks: a mask comes
+from `oba_jax.masks`, and `masks.keep_pruned` keeps it. It must not import the
+pruning modules (`criteria`, `prune`, `oracle`) or the experiments package.
 """
 
 import dataclasses
@@ -169,9 +170,9 @@ def finetune(
       exactly.
     config: the optimizer, schedule, length and bookkeeping of the run.
     workdir: the run's directory, created if needed.
-    eval_batches: evaluated every `config.eval_every` steps and at the end; a
-      collection (read again for each evaluation) or an iterator with
-      `get_state`/`set_state` (rewound).
+    eval_batches: evaluated every `config.eval_every` steps, at `config.eval_at`
+      and at the end; a collection (read again for each evaluation) or an
+      iterator with `get_state`/`set_state` (rewound).
     mask: True where an entry is kept, like the params (see `oba_jax.masks`).
     mesh: a device mesh with a 'data' axis; default all devices along it.
     extra_state: a JSON-able dict saved with every checkpoint (e.g. the pruning
@@ -187,8 +188,9 @@ def finetune(
   if not isinstance(model, nnx.Module):
     raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}.")
   replay_eval = None if eval_batches is None else runs.replayable(eval_batches)
-  if config.eval_every is not None and eval_batches is None:
-    raise ValueError(f"config.eval_every={config.eval_every} needs eval_batches.")
+  if (config.eval_every is not None or config.eval_at) and eval_batches is None:
+    raise ValueError(f"config.eval_every={config.eval_every} and config.eval_at="
+                     f"{config.eval_at} need eval_batches.")
   batches = runs.resumable(train_batches)
   graphdef, params, model_state = split_pure(_reseeded(model, config.seed), training=True)
   eval_graphdef = split_pure(model, training=False)[0]
@@ -279,7 +281,8 @@ def _train(
                 "lr": float(schedule(step - 1)), "time": time.time()})
         bar.set_postfix(loss=f"{loss:.4f}")
       if evaluate_state is not None and (
-          step == total or (config.eval_every and step % config.eval_every == 0)):
+          step == total or step in config.eval_at
+          or (config.eval_every and step % config.eval_every == 0)):
         result = evaluate_state(state)
         record({"step": step, **{f"eval_{name}": value for name, value in result.items()},
                 "time": time.time()})

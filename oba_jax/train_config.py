@@ -49,6 +49,8 @@ class TrainConfig:
     seed: seeds the model's RNG streams (dropout) at the start of the run.
     log_every: steps between records of the training loss, accuracy and learning rate.
     eval_every: steps between evaluations (None: only at the end).
+    eval_at: more steps to evaluate at, e.g. (100, 300, 1000): a curve of
+      accuracy against the fine-tuning budget in one run.
     checkpoint_every: steps between checkpoints (one is also written at the end).
   """
 
@@ -65,10 +67,12 @@ class TrainConfig:
   seed: int = 0
   log_every: int = _bookkeeping(50)
   eval_every: int | None = _bookkeeping(None)
+  eval_at: tuple[int, ...] = _bookkeeping(())
   checkpoint_every: int = _bookkeeping(500)
 
   def __post_init__(self):
     object.__setattr__(self, "milestones", tuple(self.milestones))
+    object.__setattr__(self, "eval_at", tuple(self.eval_at))
     _check_config(self)
 
   @property
@@ -108,6 +112,8 @@ def _check_config(config: TrainConfig) -> None:
     value = getattr(config, name)
     if value is not None and (not isinstance(value, int) or value < 1):
       raise ValueError(f"{name}={value!r} must be a positive integer.")
+  if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in config.eval_at):
+    raise ValueError(f"eval_at={config.eval_at!r} must hold positive integer steps.")
   if not config.learning_rate > 0:
     raise ValueError(f"learning_rate={config.learning_rate} must be > 0.")
   if not 0 <= config.momentum < 1:

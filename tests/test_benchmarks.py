@@ -1,4 +1,4 @@
-"""The accelerator benchmark's command runs end to end at tiny size (its figures are not checked)."""
+"""The benchmarks run end to end at tiny size (their figures are not checked)."""
 
 import json
 import os
@@ -33,3 +33,15 @@ def test_bench_scores_depth_table_runs_at_tiny_size(tmp_path):
   assert [r["depth"] for r in record["depths"]] == [8, 14]
   assert [r["layers"] for r in record["depths"]] == [10, 16]  # convs, shortcut convs, classifier
   assert "ms/layer" in done.stdout
+
+
+def test_bench_smoke_times_a_smoke_run_against_the_budget():
+  done = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "bench_smoke.py"),
+                         "--names", "unstructured", "--rounds", "1"],
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  (row,) = [line.split() for line in done.stdout.splitlines() if "unstructured" in line]
+  assert row[0] == "1" and row[2] == "0" and row[-1] in ("met", "MISSED")
+  bad = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "bench_smoke.py"),
+                        "--names", "quickstrat"], capture_output=True, text=True, timeout=60)
+  assert bad.returncode == 2 and "unknown ['quickstrat']" in bad.stderr

@@ -1,20 +1,16 @@
-"""A newcomer's first hour: every CLI runs in smoke mode with no data at all, in under a minute
-on 2 cores; --help lists every setting; missing data and misspelt keys are short errors; the
-output says what runs; scores.accumulate says when the batches run out.
+"""A newcomer's first hour: every CLI runs in smoke mode with no data at all; --help lists every
+setting; missing data and misspelt keys are short errors; the output says what runs;
+scores.accumulate says when the batches run out.
 
 The smoke runs are subprocesses, as a user starts them, with no TFDS data and no
-Fashion-MNIST files. They share the persistent compilation cache of the test session (a
-first run on an empty cache takes longer: README, "Set up", has the measured times). The
-limit is on the CPU seconds the run uses (user + system): on a shared machine the wall
-time depends on the others' load (4x at a load of 8 on 2 cores), while a run that needs
-under a minute of CPU finishes in under a minute on a quiet 2-core machine.
+Fashion-MNIST files. They share the persistent compilation cache of the test session. How
+long they take is a benchmark's business, not a test's (`experiments/bench_smoke.py`: CPU
+and wall seconds of each against the one-minute budget).
 """
 
 import os
-import resource
 import subprocess
 import sys
-import time
 import warnings
 
 import jax.numpy as jnp
@@ -25,7 +21,6 @@ from oba_jax.experiments import cli
 
 CLIS = ("quickstart", "vgg19_cifar", "resnet32_cifar", "unstructured", "resnet50_imagenet",
         "vit_b16_imagenet", "oracle")
-SMOKE_LIMIT_S = 60
 
 
 @pytest.fixture(scope="module")
@@ -36,33 +31,24 @@ def no_data(tmp_path_factory):
               JAX_PLATFORMS="cpu")
 
 
-def cpu_seconds() -> float:
-  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-  return usage.ru_utime + usage.ru_stime
-
-
 def run_cli(name, *args, env=None, timeout=600):
-  """The finished process, and its wall and CPU seconds."""
-  start, cpu = time.perf_counter(), cpu_seconds()
-  out = subprocess.run([sys.executable, "-m", f"oba_jax.experiments.{name}", *args],
-                       capture_output=True, text=True, timeout=timeout, env=env)
-  return out, (time.perf_counter() - start, cpu_seconds() - cpu)
+  """The finished process of `python -m oba_jax.experiments.<name> args`."""
+  return subprocess.run([sys.executable, "-m", f"oba_jax.experiments.{name}", *args],
+                        capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.parametrize("name", CLIS)
-def test_smoke_runs_without_data_in_under_a_minute(name, no_data, tmp_path):
-  out, (wall, cpu) = run_cli(name, f"--workdir={tmp_path}", "--config.smoke=True",
-                             "--config.progress=False", env=no_data)
+def test_smoke_runs_without_data(name, no_data, tmp_path):
+  out = run_cli(name, f"--workdir={tmp_path}", "--config.smoke=True", "--config.progress=False",
+                env=no_data)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "data_format='synthetic'" in out.stdout  # said aloud by smoke mode
   assert os.path.isfile(tmp_path / "results.json")
-  assert cpu < SMOKE_LIMIT_S, f"{name} smoke run took {cpu:.0f} CPU s ({wall:.0f} s wall)"
-  print(f"{name}: {cpu:.0f} CPU s, {wall:.0f} s wall")
   if name == "quickstart":  # a line per stage
     for line in ("dense training of resnet8_cifar (width 4): 10 steps", "scoring oba, step 2/2",
                  "fine-tuning magnitude: 5 steps", "evaluating taylor"):
       assert line in out.stdout
-    again, _ = run_cli(name, f"--workdir={tmp_path}", "--config.smoke=True",
+    again = run_cli(name, f"--workdir={tmp_path}", "--config.smoke=True",
                        "--config.progress=False", env=no_data)
     assert "dense training of resnet8_cifar (width 4): finished earlier (step 10), restored " \
            "from step 10" in again.stdout
@@ -70,7 +56,7 @@ def test_smoke_runs_without_data_in_under_a_minute(name, no_data, tmp_path):
 
 @pytest.mark.parametrize("name", CLIS)
 def test_help_lists_every_setting_with_its_default_and_meaning(name):
-  out, _ = run_cli(name, "--help", timeout=120)
+  out = run_cli(name, "--help", timeout=120)
   assert out.returncode == 0
   assert "--workdir" in out.stdout and "(no description)" not in out.stdout
   assert "--flagfile" not in out.stdout and "--logtostderr" not in out.stdout  # absl's
@@ -80,7 +66,7 @@ def test_help_lists_every_setting_with_its_default_and_meaning(name):
 
 
 def test_quickstart_help_describes_criteria_and_target():
-  out, _ = run_cli("quickstart", "--help", timeout=120)
+  out = run_cli("quickstart", "--help", timeout=120)
   lines = out.stdout.splitlines()
   for key, words in (("criteria", "oba_jax.criteria.CRITERIA"), ("target", "kept FLOPs")):
     index = next(i for i, line in enumerate(lines) if line.strip().startswith(f"--config.{key}="))
@@ -94,7 +80,7 @@ def test_a_real_run_without_data_fails_in_two_lines(name, layout, no_data, tmp_p
   weights = (tmp_path / "w.safetensors")
   weights.write_bytes(b"")  # the ImageNet jobs need weights; the data check comes first
   extra = [f"--config.init.weights={weights}"] if "imagenet" in name else []
-  out, _ = run_cli(name, f"--workdir={tmp_path / 'run'}", *extra, env=no_data, timeout=120)
+  out = run_cli(name, f"--workdir={tmp_path / 'run'}", *extra, env=no_data, timeout=120)
   assert out.returncode == 2
   assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) <= 2
   for words in ("--config.data_dir", "--config.data_format", layout, "--config.smoke=True"):
@@ -103,7 +89,7 @@ def test_a_real_run_without_data_fails_in_two_lines(name, layout, no_data, tmp_p
 
 
 def test_a_misspelt_key_names_the_closest_in_under_five_lines(tmp_path):
-  out, _ = run_cli("vgg19_cifar", f"--workdir={tmp_path}", "--config.prune.stepz=3", timeout=120)
+  out = run_cli("vgg19_cifar", f"--workdir={tmp_path}", "--config.prune.stepz=3", timeout=120)
   assert out.returncode == 2 and len(out.stderr.strip().splitlines()) < 5
   assert "Did you mean --config.prune.steps?" in out.stderr
 

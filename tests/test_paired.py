@@ -49,3 +49,19 @@ def test_pipeline_rows_take_the_seed_of_each_run():
   results = [{"config": {"seed": s}, "pruned": [{"criterion": "oba", "target": 0.5,
                                                   "accuracy": 0.1 * s}]} for s in (3, 4)]
   assert [r["seed"] for r in paired.pipeline_rows(results)] == [3, 4]
+
+
+def test_detectable_difference_and_budget_rows():
+  base = {0: 0.50, 1: 0.70, 2: 0.60, 3: 0.40}
+  other = {0: 0.52, 1: 0.69, 2: 0.63, 3: 0.40}
+  rows = _rows({("magnitude", 0.5): base, ("oba", 0.5): other})
+  (result,) = paired.paired_differences(rows, "accuracy")
+  d = np.asarray([other[s] - base[s] for s in range(4)])
+  error = d.std(ddof=1) / 2
+  assert result["detectable"] == pytest.approx((stats.t.ppf(0.975, 3) + stats.t.ppf(0.8, 3))
+                                               * error)
+  assert result["detectable"] > result["high"] - result["difference"]  # more than the half-width
+  row = {"criterion": "oba", "target": 0.5, "seed": 1, "accuracy_after_pruning": 0.3,
+         "accuracy_at_steps": {"100": 0.7, "3000": 0.8}}
+  assert [(r["budget"], r["accuracy"]) for r in paired.budget_rows([row])] == [
+      (0, 0.3), (100, 0.7), (3000, 0.8)]

@@ -88,7 +88,12 @@ def test_a_paper_cli_scores_as_the_official_pipeline_by_default(tmp_path):
     recorded = json.load(f)["importance"]
   assert recorded == {"criteria": ["oba_bilinear", "magnitude"], "batchnorm": "train",
                       "recalibration_batches": 2, "batches_per_step": 2, "batch_size": 8,
-                      "augment": True, "reduction": "paper", "steps": 2, "per_criterion": {}}
+                      "augment": True, "reduction": "paper", "steps": 2, "per_criterion": {},
+                      "procedure": "official", "schedule": "auto", "ranking": "score",
+                      "scope": "global"}
+  for row in results["pruned"]:  # the official rule stops at the first step meeting the target
+    assert row["steps"] == len(row["step_kept_macs"]) <= 2
+    assert row["step_kept_macs"][-1] <= row["target"] < min(row["step_kept_macs"][:-1] or [1])
   config = vgg19_cifar.get_config()
   assert (config.prune.importance_batches, config.prune.importance_batch_size,
           config.prune.steps) == (200, 64, 50)  # smoke mode shrank them to 2, 8 and 2
@@ -152,23 +157,38 @@ def test_vit_b16_keeps_the_patch_embedding(tmp_path):
 
 def test_one_run_compares_a_criterion_under_other_settings(tmp_path):
   """"oba@sum" and "oba_bilinear@train" are criteria of their own in the paired run."""
-  entries = ["magnitude", "oba", "oba@sum", "oba_bilinear@train"]
+  entries = ["magnitude", "oba", "oba@sum", "oba_bilinear@eval"]
   results = run(compare_criteria, tmp_path, criteria=",".join(entries), targets=(0.5,))
   check_consistent(results, entries, [0.5])
   assert results["importance"]["criteria"] == entries
   assert results["importance"]["per_criterion"] == {
-      "oba@sum": {"reduction": "sum", "batchnorm": "eval"},
-      "oba_bilinear@train": {"reduction": "paper", "batchnorm": "train"}}
+      "oba@sum": {"reduction": "sum", "batchnorm": "train", "procedure": "official",
+                  "ranking": "score"},
+      "oba_bilinear@eval": {"reduction": "paper", "batchnorm": "eval",
+                            "procedure": "official", "ranking": "score"}}
   assert os.path.isdir(tmp_path / "oba@sum" / "0.5")
+
+
+def test_fine_tuning_is_evaluated_at_the_budgets_asked_for(tmp_path):
+  results = run(compare_criteria, tmp_path, criteria="magnitude,taylor@per_cost@library",
+                targets=(0.5,), **{"finetune.eval_at": (1, 2)})
+  check_consistent(results, ["magnitude", "taylor@per_cost@library"], [0.5])
+  for row in results["pruned"]:  # smoke fine-tuning takes 3 steps: evaluated at 1, 2 and 3
+    assert list(row["accuracy_at_steps"]) == ["1", "2", "3"]
+    assert row["accuracy_at_steps"]["3"] == row["accuracy"]  # the end is the tuned model's
+  assert results["importance"]["per_criterion"]["taylor@per_cost@library"] == {
+      "reduction": "paper", "batchnorm": "train", "procedure": "library", "ranking": "per_cost"}
 
 
 @pytest.mark.parametrize("overrides, error, message", [
     (dict(model="vgg7"), ValueError, r"model='vgg7' is not supported; accepted: \["),
     (dict(criteria="oba,hessian"), ValueError, r"unknown \['hessian'\]; accepted: \["),
-    (dict(criteria="oba@max"), ValueError, r"'oba@max' has option 'max'; accepted: a BatchNorm"),
+    (dict(criteria="oba@max"), ValueError,
+     r"'oba@max' has option 'max'; accepted: a batchnorm \['train', 'eval'\], a reduction"),
     (dict(criteria="oba,oba"), ValueError, r"names a criterion twice"),
     (dict(mode="unstructured", criteria="oba@sum", targets=(0.5,)), ValueError,
-     r"'oba@sum' has option 'sum'.* \(structured modes only; mode='unstructured'\)"),
+     r"'oba@sum' has option 'sum'.* \(all but the BatchNorm mode in structured modes only; "
+     r"mode='unstructured'\)"),
     (dict(mode="greedy"), ValueError, r"mode='greedy' is not supported"),
     (dict(targets=(1.5,)), ValueError, r"target=1.5 .* must be a kept-FLOPs ratio in \(0, 1\]"),
     (dict(targets=(0.0,)), ValueError, r"target=0.0 .* in \(0, 1\]"),

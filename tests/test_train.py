@@ -73,6 +73,7 @@ def assert_same_params(result: dict, reference: dict) -> None:
         (dict(steps=10, gamma=0.0), "gamma=0.0"),
         (dict(steps=10, seed=-1), "seed=-1"),
         (dict(steps=10, eval_every=0), "eval_every=0"),
+        (dict(steps=10, eval_at=(100, 0)), r"eval_at=\(100, 0\) must hold positive integer"),
     ],
 )
 def test_config_names_the_bad_value(fields, named):

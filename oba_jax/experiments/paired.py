@@ -21,15 +21,30 @@ def pipeline_rows(results: Iterable[dict]) -> list[dict]:
   return [dict(row, seed=r["config"]["seed"]) for r in results for row in r["pruned"]]
 
 
+def budget_rows(rows: Iterable[dict]) -> list[dict]:
+  """Pipeline rows as one row per fine-tuning budget: "budget" 0 is right after pruning
+  (`accuracy_after_pruning`), then every step of the row's `accuracy_at_steps`."""
+  out = []
+  for row in rows:
+    curve = {0: row["accuracy_after_pruning"],
+             **{int(step): acc for step, acc in row.get("accuracy_at_steps", {}).items()}}
+    out += [{"criterion": row["criterion"], "target": row["target"], "seed": row["seed"],
+             "budget": budget, "accuracy": acc} for budget, acc in sorted(curve.items())]
+  return out
+
+
 def paired_differences(rows: Sequence[dict], metric: str, *, baseline: str = "magnitude",
-                       level: float = 0.95) -> list[dict]:
+                       level: float = 0.95, power: float = 0.8) -> list[dict]:
   """Per (criterion, target): the mean of `metric`, and its paired difference to `baseline`.
 
   Returns one dict per criterion other than the baseline and target: "criterion",
   "target", "n" (seeds), "mean", "baseline_mean", "difference" (mean over seeds of
   the per-seed difference), "low"/"high" (its `level` t-interval; NaN with one
-  seed) and "significant". Raises ValueError when a criterion and the baseline
-  were not run on the same seeds at a target (the comparison would not be paired).
+  seed), "significant", and "detectable": the smallest true difference the design
+  would call significant with probability `power`, (t_{level} + t_{power}) s / sqrt(n)
+  from the differences' own spread s (NaN with one seed). Raises ValueError when a
+  criterion and the baseline were not run on the same seeds at a target (the
+  comparison would not be paired).
   """
   by = collections.defaultdict(dict)
   for row in rows:
@@ -53,15 +68,18 @@ def paired_differences(rows: Sequence[dict], metric: str, *, baseline: str = "ma
     d = np.asarray([values[s] - base[s] for s in seeds])
     n = len(d)
     if n > 1:
-      half = stats.t.ppf(0.5 + level / 2, n - 1) * d.std(ddof=1) / np.sqrt(n)
+      error = d.std(ddof=1) / np.sqrt(n)
+      half = stats.t.ppf(0.5 + level / 2, n - 1) * error
+      detectable = half + stats.t.ppf(power, n - 1) * error
     else:
-      half = float("nan")
+      half = detectable = float("nan")
     low, high = d.mean() - half, d.mean() + half
     out.append({"criterion": criterion, "target": target, "n": n,
                 "mean": float(np.mean([values[s] for s in seeds])),
                 "baseline_mean": float(np.mean([base[s] for s in seeds])),
                 "difference": float(d.mean()), "low": float(low), "high": float(high),
-                "significant": bool(n > 1 and (low > 0 or high < 0))})
+                "significant": bool(n > 1 and (low > 0 or high < 0)),
+                "detectable": float(detectable)})
   return out
 
 

@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from oba_jax import (batchnorm, criteria, data, masks, models, prune, runs, runtime, structure,
-                     surgery, train, weights)
+from oba_jax import batchnorm, data, masks, models, prune, runs, runtime, surgery, train, weights
 from oba_jax.experiments import cli
+from oba_jax.experiments.entries import (criterion_entries, importance_settings, prune_configs,
+                                         structured_steps)
 from oba_jax.experiments.paper_config import smoke_config
 from oba_jax.experiments.report import (TIMING_NOTE, max_abs_pruned, measure, plot, say_step,
                                         scoring, table)
@@ -45,7 +46,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError (or FileNotFoundError) naming the first bad setting; reads no data."""
   choices = (("model", config.model, models.MODELS), ("mode", config.mode, MODES),
              ("dataset", config.dataset, data.DATASETS),
-             ("prune.schedule", config.prune.schedule, prune.SCHEDULES),
+             ("prune.schedule", config.prune.schedule, ("auto", *prune.SCHEDULES)),
              ("init.format", config.init.format, (None, "official", "torchvision", "timm")))
   for name, value, accepted in choices:
     if value not in accepted:
@@ -117,27 +118,34 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                config.timing_seconds),
                "wall_seconds": time.perf_counter() - dense_start}
 
-  def finetune(masked, mask, directory, extra_state=None) -> tuple[nnx.Module, float]:
-    """The fine-tuned model (`masked` when fine-tuning is off) and the wall seconds it took."""
+  def finetune(masked, mask, directory, extra_state=None) -> tuple[nnx.Module, dict]:
+    """The fine-tuned model (`masked` when fine-tuning is off) and the row's fine-tuning
+    fields: its wall seconds and the test accuracy at `finetune.eval_at` and the end."""
     if not config.finetune.enabled:
-      return masked, 0.0
+      return masked, {"finetune_seconds": 0.0}
     tuned_start = time.perf_counter()
     recipe = _train_config(config.finetune, info.num_examples, config.seed)
     stage = f"fine-tuning {directory.replace(os.sep, ' at ')}"
     cli.say_training(stage, os.path.join(workdir, directory), recipe.total_steps)
-    tuned, _ = train.finetune(
+    tuned, records = train.finetune(
         masked, stream(config.seed + 2, config.finetune.batch_size), recipe,
         workdir=os.path.join(workdir, directory), mask=mask, extra_state=extra_state,
+        eval_batches=_Reread(test) if recipe.eval_at else None,
         progress=config.progress, desc=f"finetune {directory.replace(os.sep, ' ')}")
-    return tuned, time.perf_counter() - tuned_start
+    curve = {str(r["step"]): r["eval_accuracy"] for r in records if "eval_accuracy" in r}
+    return tuned, {"finetune_seconds": time.perf_counter() - tuned_start,
+                   **({"accuracy_at_steps": curve} if curve else {})}
+
+  def calibration():
+    """The training batches that re-estimate BatchNorm statistics, from the first."""
+    return stream(config.seed + 3, config.prune.importance_batch_size, augment=False)
 
   def recalibrate(masked: nnx.Module) -> nnx.Module:
     """`masked` with BatchNorm statistics of its own (stale ones make it look broken)."""
     count = config.prune.recalibration_batches
     if not count:
       return masked
-    batches = stream(config.seed + 3, config.prune.importance_batch_size, augment=False)
-    return batchnorm.recalibrate(masked, batches, num_batches=count)
+    return batchnorm.recalibrate(masked, calibration(), num_batches=count)
 
   prune_one = _unstructured if config.mode == "unstructured" else _structured
   rows = []
@@ -145,7 +153,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     batches = stream(config.seed + 1, config.prune.importance_batch_size,
                      augment=config.prune.augment)
     for row, tuned, compacted, mask in prune_one(config, criterion, dense, example, batches,
-                                                  test, recalibrate, finetune):
+                                                  test, recalibrate, finetune, calibration()):
       cli.say(f"evaluating {criterion} at {row['target']}")
       measured = time.perf_counter()
       row.update(measure(tuned, compacted, test, example, timing_input, config.timing_seconds),
@@ -191,18 +199,6 @@ def breakdown(results: dict) -> dict:
           "fractions": {k: v / total for k, v in seconds.items()}}
 
 
-def importance_settings(config: ml_collections.ConfigDict) -> dict:
-  """How importance was collected: what `results.json` records next to the results."""
-  p = config.prune
-  entries = criterion_entries(config)
-  return {"criteria": entries, "batchnorm": p.batchnorm,
-          "per_criterion": {e: entry_settings(config, e)[1] for e in entries if "@" in e},
-          "recalibration_batches": p.recalibration_batches,
-          "batches_per_step": p.importance_batches, "batch_size": p.importance_batch_size,
-          "augment": p.augment, "reduction": p.reduction if config.mode != "unstructured" else None,
-          "steps": p.steps if config.mode != "unstructured" else p.steps_per_density}
-
-
 def _check_run(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> None:
   """The model and both training recipes can be built: checked before any work."""
   models.check(config.model, in_channels=info.image_shape[-1], num_classes=info.num_classes,
@@ -235,6 +231,16 @@ def _dense(model, config, workdir, stream, num_examples) -> nnx.Module:
   return dense
 
 
+class _Reread:
+  """A collection whose every `iter()` reads the test split again from its start."""
+
+  def __init__(self, batches):
+    self.batches = batches
+
+  def __iter__(self):
+    return iter(self.batches())
+
+
 def _train_config(recipe, num_examples: int, seed: int) -> train.TrainConfig:
   """`train.TrainConfig` of a `_training` recipe."""
   per_epoch = max(1, num_examples // recipe.batch_size) if recipe.batch_size > 0 else 1
@@ -243,85 +249,19 @@ def _train_config(recipe, num_examples: int, seed: int) -> train.TrainConfig:
   return train.TrainConfig(**length, batch_size=recipe.batch_size,
                            learning_rate=recipe.learning_rate,
                            weight_decay=recipe.weight_decay, schedule="multistep",
-                           milestones=tuple(recipe.milestones), seed=seed)
+                           milestones=tuple(recipe.milestones), seed=seed,
+                           eval_at=tuple(recipe.get("eval_at", ())))
 
 
-def criterion_entries(config: ml_collections.ConfigDict) -> list[str]:
-  """The entries of `config.criteria`, checked: each a name in `criteria.CRITERIA`,
-  optionally followed by "@option"s that override a pruning setting for that entry
-  only (`entry_settings`): "oba,oba@sum" compares both group reductions, and
-  "oba_bilinear@train" scores with batch-statistics BatchNorm, on the same dense
-  model, batches and fine-tuning order. Raises ValueError naming the first bad entry."""
-  entries = cli.names(config.criteria)
-  cli.check_names("criteria", ",".join(e.partition("@")[0] for e in entries) or config.criteria,
-                  criteria.CRITERIA)
-  for entry in entries:
-    entry_settings(config, entry)
-  if len(set(entries)) < len(entries):
-    raise ValueError(f"criteria={config.criteria!r} names a criterion twice.")
-  return entries
-
-
-def entry_settings(config: ml_collections.ConfigDict, entry: str) -> tuple[str, dict]:
-  """The criterion of an entry and its pruning settings: `prune.reduction` and
-  `prune.batchnorm`, each replaced by an "@option" of the entry that names a value of
-  `structure.REDUCTIONS` or `criteria.BATCHNORM_MODES` (group reductions only in the
-  structured modes)."""
-  name, *options = entry.split("@")
-  settings = {"reduction": config.prune.reduction, "batchnorm": config.prune.batchnorm}
-  for option in options:
-    if option in criteria.BATCHNORM_MODES:
-      settings["batchnorm"] = option
-    elif option in structure.REDUCTIONS and config.mode != "unstructured":
-      settings["reduction"] = option
-    else:
-      raise ValueError(
-          f"criteria: {entry!r} has option {option!r}; accepted: a BatchNorm mode "
-          f"{list(criteria.BATCHNORM_MODES)} or a group reduction {list(structure.REDUCTIONS)}"
-          f" (structured modes only; mode={config.mode!r}).")
-  return name, settings
-
-
-def prune_configs(config: ml_collections.ConfigDict, entry: str) -> list:
-  """The `oba_jax.prune` configs of one criterion entry ("name", or with "@option"s): one
-  per target in mode "one_shot", else one.
-
-  Building them checks every pruning setting, so `check_config` calls it too.
-  """
-  p = config.prune
-  criterion, settings = entry_settings(config, entry)
-  if config.mode == "unstructured":
-    return [prune.UnstructuredConfig(
-        criterion=criterion, densities=tuple(config.targets),
-        steps_per_density=p.steps_per_density, num_batches=p.importance_batches,
-        batchnorm=settings["batchnorm"])]
-  structured = lambda targets: prune.StructuredConfig(
-      criterion=criterion, targets=targets, steps=p.steps, schedule=p.schedule,
-      reduction=settings["reduction"], max_ratio=p.max_ratio, round_to=p.round_to,
-      ignore=tuple(p.ignore), num_batches=p.importance_batches, batchnorm=settings["batchnorm"])
-  if config.mode == "iterative":
-    return [structured(tuple(config.targets))]
-  return [structured(target) for target in config.targets]
-
-
-def structured_steps(schedule: str, steps: int, targets) -> int:
-  """How many scoring steps `oba_jax.prune` takes to reach `targets` in turn (for labels)."""
-  ratios = prune.SCHEDULES[schedule](targets[-1], steps)
-  count, above = 0, 1.0
-  for target in targets:
-    count += sum(target < r < above for r in ratios) + 1
-    above = target
-  return count
-
-
-def _structured(config, criterion, dense, example, batches, test, recalibrate, finetune):
+def _structured(config, criterion, dense, example, batches, test, recalibrate, finetune,
+                calibration):
   """Yields (row, fine-tuned masked model, its compaction, mask) per target.
 
   At each target the pruned model's BatchNorm statistics are recalibrated before it is
   evaluated ("accuracy after pruning") and fine-tuned.
   """
   p = config.prune
-  runtime = dict(key=jax.random.key(config.seed), callback=say_step)
+  runtime = dict(key=jax.random.key(config.seed), callback=say_step, calibration=calibration)
   pruned = {}  # target -> accuracy right after pruning, and seconds of fine-tuning
 
   def tune(masked, plan, target):
@@ -330,10 +270,10 @@ def _structured(config, criterion, dense, example, batches, test, recalibrate, f
     masked = recalibrate(masked)
     after = evaluate(masked, test())
     evaluate_seconds = time.perf_counter() - start
-    tuned, seconds = finetune(masked, mask, os.path.join(criterion, str(target)),
-                              {"plan": plan.to_json()})
+    tuned, tuning = finetune(masked, mask, os.path.join(criterion, str(target)),
+                             {"plan": plan.to_json()})
     pruned[target] = {"accuracy_after_pruning": after["accuracy"],
-                      "loss_after_pruning": after["loss"], "finetune_seconds": seconds,
+                      "loss_after_pruning": after["loss"], **tuning,
                       "evaluate_seconds": evaluate_seconds}
     return tuned, mask
 
@@ -348,15 +288,16 @@ def _structured(config, criterion, dense, example, batches, test, recalibrate, f
 
     (settings,) = prune_configs(config, criterion)
     cli.say(f"pruning {criterion} iteratively to kept FLOPs {', '.join(map(str, config.targets))}")
-    batches = scoring(batches, criterion, p.importance_batches,
-                      structured_steps(p.schedule, p.steps, config.targets), config.progress)
+    batches = scoring(batches, criterion, p.importance_batches, structured_steps(settings),
+                      config.progress)
     results = prune.iterative(dense, example, batches, settings, finetune=tune_next, **runtime)
     for target, result in zip(config.targets, results):
       yield (_structured_row(criterion, target, result, pruned[target]), result.masked,
              result.compacted, masks_by_target[target])
     return
   for target, settings in zip(config.targets, prune_configs(config, criterion)):
-    cli.say(f"pruning {criterion} to kept FLOPs {target} in {p.steps} steps")
+    cli.say(f"pruning {criterion} to kept FLOPs {target} in at most {p.steps} steps "
+            f"({settings.procedure} procedure)")
     result = prune.one_shot(dense, example, scoring(batches, criterion, p.importance_batches,
                                                     p.steps, config.progress, f" to {target}"),
                             settings, **runtime)
@@ -366,12 +307,16 @@ def _structured(config, criterion, dense, example, batches, test, recalibrate, f
 
 
 def _structured_row(criterion, target, result, pruned) -> dict:
+  history = result.history
   return {"criterion": criterion, "target": target, **pruned,
-          "prune_seconds": sum(step.seconds for step in result.history),
-          "score_seconds": sum(step.score_seconds for step in result.history)}
+          "prune_seconds": sum(step.seconds for step in history),
+          "score_seconds": sum(step.score_seconds for step in history),
+          "steps": len(history), "step_kept_macs": [step.kept_macs for step in history],
+          "step_recalibration_batches": sum(step.recalibration_batches for step in history)}
 
 
-def _unstructured(config, criterion, dense, example, batches, test, recalibrate, finetune):
+def _unstructured(config, criterion, dense, example, batches, test, recalibrate, finetune,
+                  calibration):
   """Yields (row, fine-tuned masked model, the same, mask) per density (recalibrated first)."""
   del example  # masks keep the shapes: nothing to trace
   (settings,) = prune_configs(config, criterion)
@@ -382,7 +327,7 @@ def _unstructured(config, criterion, dense, example, batches, test, recalibrate,
   say_density = lambda record, *_: cli.say(
       f"  step {record.step + 1}: density {record.density:.3f} ({record.seconds:.1f} s)")
   results = prune.unstructured(dense, batches, settings, key=jax.random.key(config.seed),
-                               callback=say_density)
+                               callback=say_density, calibration=calibration)
   for result in results:
     start = time.perf_counter()
     masked = recalibrate(result.masked)
@@ -392,8 +337,8 @@ def _unstructured(config, criterion, dense, example, batches, test, recalibrate,
            "accuracy_after_pruning": after["accuracy"], "loss_after_pruning": after["loss"],
            "evaluate_seconds": time.perf_counter() - start,
            "prune_seconds": sum(step.seconds for step in result.history)}
-    tuned, row["finetune_seconds"] = finetune(masked, result.mask,
-                                              os.path.join(criterion, str(result.density)))
+    tuned, tuning = finetune(masked, result.mask, os.path.join(criterion, str(result.density)))
+    row.update(tuning)
     yield row, tuned, tuned, result.mask
 
 

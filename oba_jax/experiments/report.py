@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 from matplotlib import figure
 
-from oba_jax import flops
+from oba_jax import flops, runtime
 from oba_jax.evaluation import evaluate
 from oba_jax.experiments import cli
 
@@ -43,7 +43,7 @@ def timing(model: nnx.Module, x: jax.Array, *, min_reps: int = 10,
            min_seconds: float = 1.0) -> dict:
   """Inference time: the median of at least `min_reps` jitted forward passes after a warm-up,
   repeated for at least `min_seconds`; with the repetitions and their relative spread (IQR)."""
-  forward = jax.jit(lambda x: model(x))
+  forward = runtime.jit(lambda x: model(x))
   jax.block_until_ready(forward(x))
   times, begin = [], time.perf_counter()
   while len(times) < min_reps or (time.perf_counter() - begin < min_seconds
