@@ -1,10 +1,11 @@
-"""Pruning criteria by name: what each scores, and their mean over batches for an NNX model.
+"""Pruning criteria by name: what each scores, and their mean over batches for any model.
 
-`CRITERIA` maps a name to a `Criterion`: the scoring function of a classifier's
-parameters and the flags that say how to use it (whether it reads data, whether
-its entries are independent, whether it runs one example at a time). Every
-pruning pipeline, CLI and study picks criteria here by name; `importance` is
-their common entry point on an NNX model. The scores themselves are
+`CRITERIA` maps a name to a `Criterion`: the scoring function of a model's
+parameters under an objective and the flags that say how to use it (whether it
+reads data, whether its entries are independent, whether it runs one example at
+a time). Every pruning pipeline, CLI and study picks criteria here by name;
+`importance` is their common entry point, on an NNX model or a function
+`apply_fn(params, *inputs)`, with any objective. The scores themselves are
 `oba_jax.scores`; this module only names and adapts them. It must not import
 the pipelines (`prune`) or anything above them.
 """
@@ -21,7 +22,8 @@ from jax.sharding import Mesh
 
 from oba_jax import scores
 from oba_jax.activation_norm import activation_norm
-from oba_jax.functional import classification, functional
+from oba_jax.delta import Prunable, removal_delta
+from oba_jax.functional import Objective, ObjectiveFn, classification, objective_of
 from oba_jax.validate import check_choice, check_count
 
 PyTree = Any
@@ -49,6 +51,8 @@ class Criterion:
     official_schedule: the schedule the official code pairs with it
       (`oba_jax.procedure`): "exponential" for OBA and FastOBA, "linear" for
       every baseline (method notes §1.5, pitfall P12).
+    needs_model: True when the score needs the objective's split into model
+      outputs and output loss (GGN, Fisher, K-FAC), not the loss alone.
   """
 
   score: Callable[..., PyTree]
@@ -56,6 +60,7 @@ class Criterion:
   entrywise: bool = False
   per_example: bool = False
   official_schedule: str = "linear"
+  needs_model: bool = False
 
 
 def _magnitude(objective, params, batch, key, delta=None):
@@ -125,26 +130,29 @@ CRITERIA = types.MappingProxyType(
         random=Criterion(_random, uses_data=False, entrywise=True),
         taylor=Criterion(functools.partial(_taylor, order=1), entrywise=True),
         obd_fisher=Criterion(functools.partial(_obd, diag="fisher"), entrywise=True,
-                             per_example=True),
+                             per_example=True, needs_model=True),
         obd_hutchinson=Criterion(functools.partial(_obd, diag="hutchinson"), entrywise=True),
         oba=Criterion(functools.partial(_oba, curvature="hessian"), **_OBA_FAMILY),
-        oba_residual=Criterion(functools.partial(_oba, curvature="residual"), **_OBA_FAMILY),
-        oba_ggn=Criterion(functools.partial(_oba, curvature="ggn"), **_OBA_FAMILY),
+        oba_residual=Criterion(functools.partial(_oba, curvature="residual"), needs_model=True,
+                               **_OBA_FAMILY),
+        oba_ggn=Criterion(functools.partial(_oba, curvature="ggn"), needs_model=True,
+                          **_OBA_FAMILY),
         oba_bilinear=Criterion(functools.partial(_oba, curvature="bilinear"), **_OBA_FAMILY),
         taylor3=Criterion(functools.partial(_taylor, order=3), **_OBA_FAMILY),
         taylor4=Criterion(functools.partial(_taylor, order=4), **_OBA_FAMILY),
         oba_t12=Criterion(_oba_t12, **_OBA_FAMILY),
         activation_norm=Criterion(_activation_norm, entrywise=True),
         kron_obd=Criterion(functools.partial(_kron, saliency=scores.kron_obd), entrywise=True,
-                           per_example=True),
-        kron_obs=Criterion(functools.partial(_kron, saliency=scores.kron_obs), per_example=True),
+                           per_example=True, needs_model=True),
+        kron_obs=Criterion(functools.partial(_kron, saliency=scores.kron_obs), per_example=True,
+                           needs_model=True),
     )
 )
 
 
 def importance(
     criterion: str,
-    model: nnx.Module,
+    model: nnx.Module | Callable[..., Any],
     batches: Iterable[PyTree],
     *,
     num_batches: int | None,
@@ -152,12 +160,17 @@ def importance(
     mesh: Mesh | None = None,
     progress: bool = False,
     batchnorm: str | None = None,
-) -> dict:
+    params: PyTree | None = None,
+    objective: ObjectiveFn = classification,
+    prunable: Prunable | None = None,
+) -> PyTree:
   """The mean score of `criterion` over `num_batches` batches, per parameter.
 
-  The batches are `{"image", "label"}` dicts and the loss is the softmax
-  cross-entropy (`oba_jax.classification`), averaged data-parallel over `mesh`
-  by `scores.accumulate`. "magnitude" and "random" read no batches.
+  The loss is `objective(apply_fn)` on each batch: by default the softmax
+  cross-entropy of `{"image", "label"}` batches (`oba_jax.classification`); any
+  other (`oba_jax.next_token`, a contrastive loss, `lambda apply_fn: loss_fn`)
+  works the same. Averaged data-parallel over `mesh` by `scores.accumulate`.
+  "magnitude" and "random" read no batches.
 
   BatchNorm is used in the model's current mode, and its running statistics are
   never updated. The official pipeline scores in training mode (`model.train()`:
@@ -170,51 +183,78 @@ def importance(
 
   Args:
     criterion: a name in `CRITERIA`.
-    model: the NNX model to score.
+    model: the NNX model to score, or a function `apply_fn(params, *inputs)`
+      with `params=`.
     batches: an iterable of batches; an iterator is consumed as it is read.
     num_batches: how many batches to average (None: all of them).
     key: PRNG key for the random criteria ("random", "obd_*", "kron_*").
     mesh: the device mesh of `scores.accumulate` (default: all devices).
     progress: show a progress bar.
     batchnorm: "train" (batch statistics, the official pipeline's) or "eval"
-      (running statistics) to score a copy of the model in that mode; None
+      (running statistics) to score a copy of an NNX model in that mode; None
       scores it in its current mode.
+    params: the parameters, when `model` is a function.
+    objective: `objective(apply_fn) -> Objective or loss_fn(params, batch)`.
+    prunable: which entries the removal moves (`oba_jax.delta`): None (the
+      kernel/bias naming rule), a predicate `(path, leaf) -> bool` or a mask tree.
 
   Returns:
-    A nested dict like `oba_jax.functional(model)[1]`, the model's parameters.
+    A pytree like the parameters (`oba_jax.functional(model)[1]` for NNX).
   """
   check_choice("criterion", criterion, CRITERIA)
   if num_batches is not None:
     check_count(num_batches, "num_batches")
   scorer = CRITERIA[criterion]
-  if batchnorm is not None:
-    check_choice("batchnorm", batchnorm, BATCHNORM_MODES)
-    model = nnx.clone(model)
-    model.train() if batchnorm == "train" else model.eval()
-  if scorer.per_example and uses_batch_statistics(model):
-    raise ValueError(
-        f"criterion {criterion!r} runs the model one example at a time, and this model has "
-        "BatchNorm in training mode (batch statistics), which would normalise each example by "
-        "itself. Call model.eval() before scoring with it.")
+  if isinstance(model, nnx.Module):
+    if params is not None:
+      raise ValueError("params= goes with a function apply_fn(params, *inputs); an NNX model "
+                       "holds its own parameters.")
+    if batchnorm is not None:
+      check_choice("batchnorm", batchnorm, BATCHNORM_MODES)
+      model = nnx.clone(model)
+      model.train() if batchnorm == "train" else model.eval()
+    if scorer.per_example and uses_batch_statistics(model):
+      raise ValueError(
+          f"criterion {criterion!r} runs the model one example at a time, and this model has "
+          "BatchNorm in training mode (batch statistics), which would normalise each example "
+          "by itself. Call model.eval() before scoring with it.")
+    graphdef, param_state, state = nnx.split(model, nnx.Param, ...)
+    score_fn = ModelScore(criterion, graphdef, objective, prunable)
+    params = nnx.to_pure_dict(param_state)
+    constants = nnx.to_pure_dict(state)
+    apply_fn = score_fn.apply_fn(constants)
+  elif callable(model) and params is not None:
+    if batchnorm is not None:
+      raise ValueError(f"batchnorm={batchnorm!r} needs an NNX model; a function's normalisation "
+                       "is its own.")
+    score_fn, constants = FunctionScore(criterion, model, objective, prunable), None
+    apply_fn = model
+  else:
+    raise TypeError("importance needs an nnx.Module, or a function apply_fn(params, *inputs) "
+                    f"with params=; got {type(model).__name__} and params="
+                    f"{type(params).__name__}.")
+  views = checked_objective(criterion, objective, apply_fn)
   if not scorer.uses_data:
-    apply_fn, params = functional(model)
-    return scorer.score(classification(apply_fn), params, None, key)
-  graphdef, params, state = nnx.split(model, nnx.Param, ...)
-  return scores.accumulate(
-      ModelScore(criterion, graphdef),
-      nnx.to_pure_dict(params),
-      batches,
-      key=key,
-      num_batches=num_batches,
-      mesh=mesh,
-      progress=progress,
-      constants=nnx.to_pure_dict(state),
-  )
+    return scorer.score(views, params, None, key, delta=_delta(params, prunable))
+  return scores.accumulate(score_fn, params, batches, key=key, num_batches=num_batches,
+                           mesh=mesh, progress=progress, constants=constants)
+
+
+def checked_objective(criterion: str, objective: ObjectiveFn,
+                      apply_fn: Callable[..., Any]) -> Objective:
+  """`objective(apply_fn)` as an `Objective`, or a ValueError if `criterion` cannot use it."""
+  views = objective_of(objective, apply_fn)
+  if CRITERIA[criterion].needs_model and (views.model is None or views.output_loss is None):
+    raise ValueError(
+        f"criterion {criterion!r} needs the objective's model and output-loss views; "
+        "objective(apply_fn) gave a loss alone. Return an oba_jax.Objective(loss, model, "
+        "output_loss), or pick a criterion that needs the loss only, e.g. 'oba', 'taylor'.")
+  return views
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelScore:
-  """`criterion`'s score of an NNX classifier of structure `graphdef`, as `accumulate` calls it.
+  """`criterion`'s score of an NNX model of structure `graphdef`, as `accumulate` calls it.
 
   Hashable, with the model's other state (BatchNorm statistics) an argument
   rather than a captured value, so that one compiled step serves every model of
@@ -223,13 +263,39 @@ class ModelScore:
 
   criterion: str
   graphdef: nnx.GraphDef
+  objective: ObjectiveFn = classification
+  prunable: Prunable | None = None
+
+  def apply_fn(self, constants: PyTree) -> Callable[..., Any]:
+    """The model's `apply_fn(params, *inputs)` with its other state `constants`."""
+    return lambda p, *x: nnx.merge(self.graphdef, nnx.State(p), nnx.State(constants),
+                                   copy=True)(*x)
 
   def __call__(self, params: PyTree, batch: PyTree, key: jax.Array | None = None, *,
                constants: PyTree) -> PyTree:
-    def apply_fn(p, x):
-      return nnx.merge(self.graphdef, nnx.State(p), nnx.State(constants), copy=True)(x)
+    objective = objective_of(self.objective, self.apply_fn(constants))
+    return CRITERIA[self.criterion].score(objective, params, batch, key,
+                                          delta=_delta(params, self.prunable))
 
-    return CRITERIA[self.criterion].score(classification(apply_fn), params, batch, key)
+
+@dataclasses.dataclass(frozen=True)
+class FunctionScore:
+  """`criterion`'s score of `apply_fn(params, *inputs)`, hashable like `ModelScore`."""
+
+  criterion: str
+  apply_fn: Callable[..., Any]
+  objective: ObjectiveFn = classification
+  prunable: Prunable | None = None
+
+  def __call__(self, params: PyTree, batch: PyTree, key: jax.Array | None = None) -> PyTree:
+    objective = objective_of(self.objective, self.apply_fn)
+    return CRITERIA[self.criterion].score(objective, params, batch, key,
+                                          delta=_delta(params, self.prunable))
+
+
+def _delta(params: PyTree, prunable: Prunable | None) -> PyTree | None:
+  """The removal of the `prunable` entries; None leaves the criteria's default."""
+  return None if prunable is None else removal_delta(params, prunable=prunable)
 
 
 def uses_batch_statistics(model: nnx.Module) -> bool:

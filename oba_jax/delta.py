@@ -91,11 +91,24 @@ def check_like(tree: PyTree, params: PyTree, what: str, *, scalar_leaves_ok: boo
       )
 
 
+def is_predicate(prunable: Prunable) -> bool:
+  """True for a predicate `(path, leaf) -> bool`, False for a mask tree.
+
+  Decided by type, not by callability: a mask is a pytree (an `eqx.Module`, a
+  haiku dict, a penzai layer, an NNX state), and pytree nodes may well be
+  callable. A predicate is a function, i.e. a callable that is a single pytree
+  leaf (or a `jax.tree_util.Partial`).
+  """
+  if isinstance(prunable, jax.tree_util.Partial):
+    return True
+  return callable(prunable) and jax.tree_util.treedef_is_leaf(jax.tree.structure(prunable))
+
+
 def prunable_mask(params: PyTree, prunable: Prunable | None = None) -> PyTree:
   """Resolves `prunable` (None, a predicate `(path, leaf) -> bool`, or a mask tree)."""
   if prunable is None:
     return default_prunable(params)
-  if callable(prunable):
+  if is_predicate(prunable):
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf: bool(prunable(path_str(path), leaf)), params
     )
@@ -114,12 +127,11 @@ def removal_delta(
       When given together with `prunable`, it is masked by `prunable`.
     prunable: which entries move: None (conv/dense kernels and biases), a
       predicate `(path, leaf) -> bool` with paths like 'conv1/kernel', or a pytree
-      like `params` of bools or bool arrays.
+      like `params` of bools or bool arrays, whatever its node types (an
+      `eqx.Module` mask is a mask although it is callable; see `is_predicate`).
   """
   if delta is None:
     delta = jax.tree.map(jnp.negative, params)
-    if prunable is None:
-      prunable = default_prunable(params)
   else:
     check_like(delta, params, "delta")
     if prunable is None:

@@ -49,13 +49,34 @@ class Objective(NamedTuple):
   model's outputs are logits with one softmax per position ([batch, ...,
   classes], a language model), `output_weights(batch) -> [batch, ...]` says how
   much each position counts in the loss (the Fisher diagonal needs it); None
-  means one softmax per example, each weighing the same.
+  means one softmax per example, each weighing the same. Any loss alone,
+  `Objective(loss_fn)`, serves every criterion that needs no split into model
+  and output loss (see `criteria.Criterion.needs_model`).
   """
 
   loss: Callable[[PyTree, PyTree], jax.Array]
-  model: Callable[[PyTree, PyTree], jax.Array]
-  output_loss: Callable[[jax.Array, PyTree], jax.Array]
+  model: Callable[[PyTree, PyTree], jax.Array] | None = None
+  output_loss: Callable[[jax.Array, PyTree], jax.Array] | None = None
   output_weights: Callable[[PyTree], jax.Array] | None = None
+
+
+# `objective(apply_fn)`: the loss of a model given its apply function, as an `Objective` or
+# a bare `loss_fn(params, batch) -> scalar`; `classification` and `next_token` are two.
+ObjectiveFn = Callable[[Callable[..., Any]], "Objective | Callable[[PyTree, PyTree], jax.Array]"]
+
+
+def objective_of(objective: ObjectiveFn, apply_fn: Callable[..., Any]) -> Objective:
+  """`objective(apply_fn)` as an `Objective` (a bare loss function becomes its `loss`)."""
+  if not callable(objective):
+    raise TypeError(f"objective={objective!r} is not a function objective(apply_fn) -> "
+                    "Objective or loss_fn(params, batch), e.g. oba_jax.classification.")
+  made = objective(apply_fn)
+  if isinstance(made, Objective):
+    return made
+  if callable(made):
+    return Objective(made)
+  raise TypeError(f"objective(apply_fn) returned {type(made).__name__}; expected an "
+                  "oba_jax.Objective or a loss_fn(params, batch) -> scalar.")
 
 
 def classification(apply_fn: Callable[..., jax.Array], image_key: str = "image",

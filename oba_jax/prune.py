@@ -1,4 +1,4 @@
-"""Pruning pipelines over NNX models: one-shot, iterative and unstructured.
+"""Pruning pipelines over any JAX model and objective: one-shot, iterative and unstructured.
 
 Each pipeline repeats one step: score the current model
 (`criteria.importance`, with a criterion named in `criteria.CRITERIA`), turn
@@ -23,10 +23,15 @@ What to do is data: a frozen `StructuredConfig` (criterion, targets, step rule,
 schedule, steps, batches per step, reduction, ranking, selection caps) or
 `UnstructuredConfig` (`oba_jax.pruning_config`, re-exported here), checked when
 it is built, so a bad setting fails before any work. What to run it on (model,
-batches, PRNG key, mesh, callback) are the drivers' arguments:
+batches, PRNG key, objective, mesh, callback) are the drivers' arguments. The
+model is an NNX module, or any function `apply_fn(params, *inputs)` with
+`params=` (equinox, haiku, penzai, Linen, plain JAX; `oba_jax.model_view`), and
+the objective any loss built from its apply function (default: classification):
 
   config = prune.StructuredConfig(criterion="oba", targets=0.5, steps=5)
   result = prune.one_shot(model, example_input, batches, config, key=key)
+  result = prune.one_shot(apply_fn, x, batches, config, key=key, params=params,
+                          objective=lambda apply_fn: my_loss, prunable=...)
 
 Section numbers refer to the method notes, `../shared/docs/oba_method.md` in the
 project workspace.
@@ -50,12 +55,16 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from oba_jax import batchnorm, flops, masks, plan, procedure, structure, surgery
-from oba_jax.criteria import importance, uses_batch_statistics
+from oba_jax import flops, masks, plan, procedure, structure
+from oba_jax.delta import Prunable
+from oba_jax.functional import ObjectiveFn, classification
+from oba_jax.model_view import Compacted, ModelView
 from oba_jax.pruning_config import (DENSITY_SCOPES, SCHEDULES, StructuredConfig,
                                     UnstructuredConfig)
 
 PyTree = Any
+# What a step produces and callbacks receive: the NNX module, or a function's parameters.
+Pruned = nnx.Module | PyTree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,31 +100,36 @@ class PruneResult:
   Attributes:
     plan: the final plan; `plan.predicted` and `plan.dense` are the cost model's
       MACs and parameters after and before pruning.
-    masked: the pruned model in the original shapes, removed slices zeroed.
-    compacted: the smaller model, `surgery.compact(masked, plan)`.
-    counted: `flops.count(compacted, example_input)`, equal to `plan.predicted`.
+    masked: the pruned model in the original shapes, removed slices zeroed: a
+      module, or for a function `apply_fn` its parameters.
+    compacted: the smaller model, `surgery.compact(masked, plan)`, or for a
+      function `Compacted(*surgery.compact_fn(apply_fn, masked, plan))`.
+    counted: `flops.count` of `compacted` on `example_input`, equal to `plan.predicted`.
     history: one record per step.
   """
 
   plan: plan.Plan
-  masked: nnx.Module
-  compacted: nnx.Module
+  masked: Pruned
+  compacted: nnx.Module | Compacted
   counted: flops.Count
   history: tuple[StepRecord, ...]
 
 
 # `callback(record, masked, plan)`, called after every structured step, e.g. to evaluate.
-StepCallback = Callable[[StepRecord, nnx.Module, plan.Plan], None]
+StepCallback = Callable[[StepRecord, Pruned, plan.Plan], None]
 
 
 
 def one_shot(
-    model: nnx.Module,
-    example_input: jax.Array,
+    model: nnx.Module | Callable[..., Any],
+    example_input: Any,
     batches: Iterable[PyTree],
     config: StructuredConfig,
     *,
     key: jax.Array,
+    params: PyTree | None = None,
+    objective: ObjectiveFn = classification,
+    prunable: Prunable | None = None,
     mesh: Mesh | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
@@ -132,12 +146,21 @@ def one_shot(
   schedule and stop once the cost meets the target (`oba_jax.procedure`).
 
   Args:
-    model: the dense NNX model (left unchanged).
+    model: the dense NNX model (left unchanged), or a function
+      `apply_fn(params, *inputs)` with `params=`.
     example_input: an input for tracing and counting, e.g. a batch of one.
     batches: the scoring batches; every step reads `config.num_batches` of them
       (an iterator continues, a list starts again).
     config: what to prune and how, with exactly one target.
     key: PRNG key; step s uses `jax.random.fold_in(key, s)`.
+    params: the dense parameters, when `model` is a function.
+    objective: the loss scored: `objective(apply_fn) -> Objective or
+      loss_fn(params, batch)`; default softmax cross-entropy of `{"image",
+      "label"}` batches (`oba_jax.classification`); `oba_jax.next_token`, a
+      contrastive loss or `lambda apply_fn: my_loss` work the same.
+    prunable: which parameter entries are scored and may go, as in `oba_jax.delta`
+      (None: the kernel/bias naming rule; a predicate `(path, leaf) -> bool` for
+      parameters named otherwise).
     mesh: the device mesh for scoring.
     callback: called after every step with its record, masked model and plan.
     progress: show a progress bar while scoring.
@@ -151,18 +174,22 @@ def one_shot(
         f"one_shot prunes to one target, got targets={config.targets}: use `iterative`, or "
         "one_shot once per target (dataclasses.replace(config, targets=t)).")
   (result,) = _structured(model, example_input, batches, config, None, key=key, mesh=mesh,
-                          callback=callback, progress=progress, calibration=calibration)
+                          callback=callback, progress=progress, calibration=calibration,
+                          params=params, objective=objective, prunable=prunable)
   return result
 
 
 def iterative(
-    model: nnx.Module,
-    example_input: jax.Array,
+    model: nnx.Module | Callable[..., Any],
+    example_input: Any,
     batches: Iterable[PyTree],
     config: StructuredConfig,
     *,
-    finetune: Callable[[nnx.Module, plan.Plan], nnx.Module],
+    finetune: Callable[[Pruned, plan.Plan], Pruned],
     key: jax.Array,
+    params: PyTree | None = None,
+    objective: ObjectiveFn = classification,
+    prunable: Prunable | None = None,
     mesh: Mesh | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,
@@ -182,7 +209,8 @@ def iterative(
 
   Args:
     finetune: `finetune(masked_model, plan) -> fine-tuned model` of the same
-      shapes; called after every target, the last included.
+      shapes (for a function: its masked parameters in, parameters out);
+      called after every target, the last included.
 
   Returns:
     One result per target, holding the fine-tuned model (`masked`) and its
@@ -192,7 +220,8 @@ def iterative(
   if not callable(finetune):
     raise TypeError(f"finetune={finetune!r} is not a callable(masked_model, plan) -> model.")
   return _structured(model, example_input, batches, config, finetune, key=key, mesh=mesh,
-                     callback=callback, progress=progress, calibration=calibration)
+                     callback=callback, progress=progress, calibration=calibration,
+                     params=params, objective=objective, prunable=prunable)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,29 +243,33 @@ class SparseResult:
     density: the kept fraction of the prunable entries (conv and dense kernels
       and biases), met exactly: over all of them, or in every leaf with scope
       "layerwise".
-    mask: bools like `oba_jax.functional(model)[1]`, True where an entry is kept.
-    masked: the model with the other entries zeroed.
+    mask: bools like the parameters (`oba_jax.functional(model)[1]` for a module),
+      True where an entry is kept.
+    masked: the model (for a function: its parameters) with the other entries zeroed.
     history: the steps from the previous density to this one.
   """
 
   density: float
   mask: PyTree
-  masked: nnx.Module
+  masked: Pruned
   history: tuple[DensityStep, ...]
 
 
 # `callback(record, masked, mask)`, called after every unstructured step.
-DensityCallback = Callable[[DensityStep, nnx.Module, PyTree], None]
+DensityCallback = Callable[[DensityStep, Pruned, PyTree], None]
 
 
 
 
 def unstructured(
-    model: nnx.Module,
+    model: nnx.Module | Callable[..., Any],
     batches: Iterable[PyTree],
     config: UnstructuredConfig,
     *,
     key: jax.Array,
+    params: PyTree | None = None,
+    objective: ObjectiveFn = classification,
+    prunable: Prunable | None = None,
     mesh: Mesh | None = None,
     callback: DensityCallback | None = None,
     progress: bool = False,
@@ -252,10 +285,10 @@ def unstructured(
   steps and |θ| is not added to them (method notes §4.5). No fine-tuning.
 
   Args:
-    model: the dense NNX model (left unchanged).
+    model: the dense NNX model (left unchanged), or a function with `params=`.
     batches: the scoring batches, as in `one_shot`.
     config: what to prune and how.
-    key, mesh, progress, calibration: as in `one_shot`.
+    key, params, objective, prunable, mesh, progress, calibration: as in `one_shot`.
     callback: called after every step with its record, masked model and mask.
 
   Returns:
@@ -263,8 +296,9 @@ def unstructured(
   """
   _check_config(config, UnstructuredConfig)
   keep_largest = DENSITY_SCOPES[config.scope]
-  recalibrate = _recalibration(model, config, batches if calibration is None else calibration,
-                               mesh)
+  view, model = ModelView.of(model, params, objective, config.criterion, prunable)
+  recalibrate = view.recalibration(model, config,
+                                   batches if calibration is None else calibration, mesh)
   results, mask, masked, above, step = [], None, model, 1.0, 0
   for density in config.densities:
     ratios = plan.exponential_schedule(density / above, config.steps_per_density)
@@ -272,10 +306,11 @@ def unstructured(
     for step_density in [above * r for r in ratios[:-1]] + [density]:
       start = time.perf_counter()
       masked, recalibrated = recalibrate(masked, first=step == 0)
-      score = importance(config.criterion, masked, batches, num_batches=config.num_batches,
-                         key=jax.random.fold_in(key, step), mesh=mesh, progress=progress,
-                         batchnorm=config.batchnorm)
-      mask = jax.block_until_ready(keep_largest(_below_kept(score, mask), step_density))
+      score = view.importance(config.criterion, masked, batches,
+                              num_batches=config.num_batches, key=jax.random.fold_in(key, step),
+                              mesh=mesh, progress=progress, batchnorm=config.batchnorm)
+      mask = jax.block_until_ready(keep_largest(_below_kept(score, mask), step_density,
+                                                prunable=prunable))
       masked = masks.apply(model, mask)
       history.append(DensityStep(step, step_density, time.perf_counter() - start, recalibrated))
       if callback is not None:
@@ -287,17 +322,20 @@ def unstructured(
 
 
 def _structured(
-    model: nnx.Module,
-    example_input: jax.Array,
+    model: nnx.Module | Callable[..., Any],
+    example_input: Any,
     batches: Iterable[PyTree],
     config: StructuredConfig,
-    finetune: Callable[[nnx.Module, plan.Plan], nnx.Module] | None,
+    finetune: Callable[[Pruned, plan.Plan], Pruned] | None,
     *,
     key: jax.Array,
     mesh: Mesh | None,
     callback: StepCallback | None,
     progress: bool,
     calibration: Iterable[PyTree] | None,
+    params: PyTree | None,
+    objective: ObjectiveFn,
+    prunable: Prunable | None,
 ) -> tuple[PruneResult, ...]:
   """Structured steps along the schedule to the last target, stopping at every target.
 
@@ -307,7 +345,8 @@ def _structured(
   until the cost meets the target. `finetune` (if any) runs at every target.
   """
   targets = config.targets
-  traced = structure.trace(model, example_input, ignore=config.ignore)
+  view, model = ModelView.of(model, params, objective, config.criterion, prunable)
+  traced = view.trace(model, example_input, ignore=config.ignore)
   # Whether the caps allow the last target does not depend on the scores: check it
   # (and the selection settings) before scoring anything.
   zeros = {g.name: np.zeros(g.size) for g in traced.groups}
@@ -317,8 +356,8 @@ def _structured(
     ratios = iter(procedure.channel_ratios(config.schedule_name, targets[-1].ratio, config.steps))
   else:
     ratios = SCHEDULES[config.schedule_name](targets[-1].ratio, config.steps)
-  recalibrate = _recalibration(model, config, batches if calibration is None else calibration,
-                               mesh)
+  recalibrate = view.recalibration(model, config,
+                                   batches if calibration is None else calibration, mesh)
 
   results, chosen, masked, above, step = [], None, model, 1.0, 0
   for target in targets:
@@ -329,13 +368,14 @@ def _structured(
       start = time.perf_counter()
       masked, recalibrated = recalibrate(masked, first=step == 0)
       scored = time.perf_counter()
-      score = importance(config.criterion, masked, batches, num_batches=config.num_batches,
-                         key=jax.random.fold_in(key, step), mesh=mesh, progress=progress,
-                         batchnorm=config.batchnorm)
+      score = view.importance(config.criterion, masked, batches,
+                              num_batches=config.num_batches, key=jax.random.fold_in(key, step),
+                              mesh=mesh, progress=progress, batchnorm=config.batchnorm)
       jax.block_until_ready(score)
       score_seconds = time.perf_counter() - scored
       removed = {} if chosen is None else chosen.removed
-      ranked = structure.group_scores(traced, score, reduction=config.reduction)
+      ranked = structure.group_scores(traced, score, reduction=config.reduction,
+                                      prunable=prunable)
       if config.ranking == "per_cost":
         ranked = procedure.per_cost(traced, ranked, removed, measure)
       if official:
@@ -362,34 +402,11 @@ def _structured(
             "more steps, a higher max_ratio or procedure='library'.")
     if finetune is not None:
       model = masked = masks.apply(finetune(masked, chosen), chosen)
-    compacted = surgery.compact(masked, chosen)
-    counted = flops.count(compacted, example_input)
+    compacted = view.compact(masked, chosen)
+    counted = view.count(compacted, example_input)
     results.append(PruneResult(chosen, masked, compacted, counted, tuple(history)))
     above = target.ratio
   return tuple(results)
-
-
-def _recalibration(model: nnx.Module, config, calibration: Iterable[PyTree],
-                   mesh: Mesh | None) -> Callable[..., tuple[nnx.Module, int]]:
-  """`recalibrate(masked, first) -> (model to score, batches read)` for a run of `config`.
-
-  Before every step but the first, a model scored with running-statistics
-  BatchNorm gets statistics of its own (`batchnorm.recalibrate`): the dense
-  model's statistics do not fit a network with channels removed, which then
-  computes something close to chance. Batch statistics (`batchnorm="train"`,
-  or a model in training mode) follow the pruned network by themselves.
-  """
-  count = config.recalibration_batches
-  mode = config.batchnorm or ("train" if uses_batch_statistics(model) else "eval")
-  if not count or mode == "train" or not batchnorm.has_batchnorm(model):
-    return lambda masked, first: (masked, 0)
-
-  def recalibrate(masked, first):
-    if first:
-      return masked, 0
-    return batchnorm.recalibrate(masked, calibration, num_batches=count, mesh=mesh), count
-
-  return recalibrate
 
 
 def _below_kept(score: PyTree, mask: PyTree | None) -> PyTree:

@@ -14,16 +14,20 @@ that hold shapes: `nnx.Linear`, `nnx.LinearGeneral`, `nnx.MultiHeadAttention`,
 layout), `nnx.BatchNorm`, `nnx.LayerNorm`, `nnx.RMSNorm`, `nnx.GroupNorm`
 (`num_groups`, `group_size`), `nnx.Embed` and `oba_jax.models.vit.MultiHeadAttention`,
 stacked (`nnx.vmap`) or not. Those updates are per *layer type*
-(a registry: `register_resizer`), never per architecture. A module that keeps
-a shape elsewhere (say, a head count as a Python int) would come out broken, so
-`compact` checks its result: it runs the new module abstractly on the traced
-input shapes and compares with `compact_fn`'s, and raises `CompactionError`
-naming the module and the suspect attribute otherwise.
+(a registry: `register_resizer`, in `oba_jax.resizers`), never per architecture.
+A module that keeps a shape elsewhere (say, a head count as a Python int) would
+come out broken, so `compact` checks its result: it runs the new module on the
+traced input shapes, and on the traced example input when that was concrete, and
+compares shapes and numbers with `compact_fn`'s. Otherwise it raises
+`CompactionError` naming the module and the suspect attribute.
 
-With inference-mode normalisation the compacted model computes what the masked
-model computes (every member of a removed slice zeroed), except for groups
-flagged `normalized`, whose removal changes a normalisation's statistics.
-Abstract models (`nnx.eval_shape`) compact too, which is how a compacted
+`compact_fn` computes what the masked model computes (every member of a removed
+slice zeroed). A normalisation over a cut group (flagged `normalized`) keeps
+its divisor at the original width there, which is the masked model's function
+for RMSNorm and for statistics computed as mean(x²) − mean(x)² (Flax's), not
+for a variance of centred values. `compact` keeps an RMSNorm exact (rescaled);
+a LayerNorm or GroupNorm over a cut group cannot keep the original width, so
+`compact` refuses it unless called with `renormalize=True`. Abstract models (`nnx.eval_shape`) compact too, which is how a compacted
 checkpoint is restored: rebuild the dense abstract model, compact it with the
 saved plan, restore into it.
 
@@ -42,42 +46,23 @@ import numpy as np
 from flax import nnx
 
 from oba_jax import fold as _fold
-from oba_jax.delta import path_str
-from oba_jax.models.vit import MultiHeadAttention
+from oba_jax import masks
+from oba_jax.delta import KERNEL_NAMES, path_str
+from oba_jax.resizers import _RESIZERS, Factors, Resizer, register_resizer  # noqa: F401
 from oba_jax.structure.groups import Structure
 from oba_jax.structure.rebuild import Rebuild, kept_atoms
+from oba_jax.structure.reduce import param_members
 from oba_jax.structure.tracer import analyse, functional
 
 if TYPE_CHECKING:
   import oba_jax.plan
-
-# resizer(module, factors): `factors(leaf, axis)` gives the row-major factor sizes
-# of that axis of the module's leaf (e.g. 'kernel', 'query/kernel') after removal,
-# or None when the axis was not touched; `factors(leaf, axis, original=True)` the
-# sizes before removal.
-Factors = Callable[..., tuple[int, ...] | None]
-Resizer = Callable[[nnx.Module, Factors], None]
-_RESIZERS: dict[type, Resizer] = {}
 
 fold_batchnorm, foldable_batchnorms, Identity = (
     _fold.fold_batchnorm, _fold.foldable_batchnorms, _fold.Identity)
 
 
 class CompactionError(ValueError):
-  """`compact` built a module that does not compute the compacted function."""
-
-
-def register_resizer(module_type: type, resizer: Resizer) -> None:
-  """Teaches `compact` how to update the static attributes of a layer type.
-
-  `resizer(module, factors)` runs on every module of that exact type after its
-  leaves were sliced (`module.kernel.shape` etc. are already the new shapes);
-  `factors(leaf, axis)` and `factors(leaf, axis, original=True)` give the
-  traced row-major factors of a leaf's axis after and before removal, e.g.
-  (heads, head_dim) for an attention projection, so that the resizer can set
-  `module.num_heads = factors("query/kernel", 1)[0]`.
-  """
-  _RESIZERS[module_type] = resizer
+  """The compacted module or function would not compute what it should."""
 
 
 def compact_fn(apply_fn: Callable, params: Any, plan: "oba_jax.plan.Plan", *,
@@ -86,9 +71,12 @@ def compact_fn(apply_fn: Callable, params: Any, plan: "oba_jax.plan.Plan", *,
   """The compacted function and parameters: `(compact_apply, compact_params)`.
 
   `compact_apply(compact_params, *inputs)` computes what `apply_fn` computes
-  with the plan's slices zeroed (masked), except for groups flagged
-  `normalized`, at the narrower shapes. It works for any input shapes (each new
-  shape is traced once) and under `jax.jit`.
+  with the plan's slices zeroed (masked), at the narrower shapes. It works for
+  any input shapes (each new shape is traced once) and under `jax.jit`. When the
+  plan cuts a group flagged `normalized`, the normalisation keeps its original
+  divisor, which is exact for RMSNorm and mean(x²) − mean(x)² statistics but
+  not for a variance of centred values: so then both functions run on the
+  example inputs, and a difference raises `CompactionError`.
 
   Args:
     apply_fn: `apply_fn(params, *inputs)`, the function the structure was traced
@@ -98,12 +86,45 @@ def compact_fn(apply_fn: Callable, params: Any, plan: "oba_jax.plan.Plan", *,
     plan: from `plan.select`.
     structure: the structure the plan was selected on; defaults to `plan.structure`.
     example_inputs: inputs to trace at; defaults to the structure's.
+
+  Raises:
+    CompactionError: a cut `normalized` group changes the function, or cannot
+      be checked because no concrete example input is known.
   """
   structure = _structure_of(plan, structure)
   fn = lambda p, s, *inputs: (apply_fn(p, *inputs), s)
   inputs = structure.inputs if example_inputs is None else tuple(example_inputs)
   run, small, _ = _rebuilt(fn, params, {}, inputs, structure, plan.removed)
-  return (lambda p, *x: run(p, {}, *x)[0]), small
+  compacted = lambda p, *x: run(p, {}, *x)[0]
+  cut = _cut_normalized(structure, plan.removed)
+  if cut:
+    examples = inputs if _concrete(inputs) else structure.example
+    if examples is None:
+      raise CompactionError(
+          f"the plan cuts groups {cut[:4]}, which a normalisation reduces over, and no "
+          "concrete example input is known to check that the compacted function still "
+          "computes the masked one: pass example_inputs=(arrays, ...).")
+    masked = apply_fn(masks.apply_plan(params, structure, plan), *examples)
+    difference = _relative_difference(compacted(small, *examples), masked)
+    if difference is not None:
+      raise CompactionError(
+          f"the plan cuts groups {cut[:4]}, which a normalisation reduces over with "
+          "statistics that the removed features change (a variance of centred values), so "
+          "the compacted function computes another function than the masked model "
+          f"(relative difference {difference:.3g} on the example input). Keep those groups "
+          "(structure.trace(..., ignore=[...]) with parameters of theirs, e.g. "
+          f"{sorted({m.path for m in param_members(structure.group(cut[0]))})[:3]}) or use "
+          "the masked parameters.")
+  return compacted, small
+
+
+def _cut_normalized(structure: Structure, removed) -> list[str]:
+  """The names of the groups flagged `normalized` that lose indices."""
+  return [g.name for g in structure.groups if g.normalized and len(removed.get(g.name, ()))]
+
+
+def _concrete(tree) -> bool:
+  return all(isinstance(x, (np.ndarray, np.generic, jax.Array)) for x in jax.tree.leaves(tree))
 
 
 def _structure_of(plan, structure) -> Structure:
@@ -158,7 +179,8 @@ def _signature(inputs) -> tuple:
 
 
 def compact(model: nnx.Module, plan: "oba_jax.plan.Plan",
-            structure: Structure | None = None, *, verify: bool = True) -> nnx.Module:
+            structure: Structure | None = None, *, verify: bool = True,
+            renormalize: bool = False) -> nnx.Module:
   """A new module without the indices `plan.removed[group]` of each group.
 
   Args:
@@ -166,12 +188,21 @@ def compact(model: nnx.Module, plan: "oba_jax.plan.Plan",
     plan: from `plan.select` on this model's structure (or `Plan.from_json`).
     structure: `structure.trace(model, ...)`; defaults to the structure the plan
       was selected on (a plan read from JSON needs it passed).
-    verify: run the new module abstractly on the traced input shapes and
-      compare its leaves and outputs with `compact_fn`'s.
+    verify: run the new module on the traced input shapes and compare its
+      leaves and output shapes with `compact_fn`'s; when the model is concrete
+      and the structure was traced from concrete inputs, also run both on those
+      inputs and compare the numbers.
+    renormalize: accept cut groups that a LayerNorm, GroupNorm (positions within
+      a group) or another normalisation reduces over: the new module then
+      normalises over the kept features only, so it computes another function
+      than `compact_fn` and the masked model. RMSNorm needs no permission: it is
+      kept exact (see `_resize_rms_norm`).
 
   Raises:
-    CompactionError: the new module does not run, or not at the shapes of the
-      compacted function (a layer keeps a shape that no resizer updates).
+    CompactionError: the new module does not run, not at the shapes of the
+      compacted function (a layer keeps a shape that no resizer updates), or
+      computes other numbers than `compact_fn` (a normalisation over a cut
+      group without `renormalize=True`, naming its module).
   """
   structure = _structure_of(plan, structure)
   structure.check_model_leaves({"/".join(map(str, path)): np.shape(v.get_value())
@@ -206,7 +237,7 @@ def compact(model: nnx.Module, plan: "oba_jax.plan.Plan",
       resizer(node, lambda leaf, axis, original=False, prefix=prefix:
               _lookup(factors, prefix + leaf, axis, original))
   if verify and structure.inputs:
-    _verify(model, new, structure, removed, factors)
+    _verify(model, new, structure, removed, factors, renormalize)
   return new
 
 
@@ -215,8 +246,13 @@ def _lookup(factors, path: str, axis: int, original: bool = False) -> tuple[int,
   return tuple(found[0][0 if original else 1]) if found else None
 
 
-def _verify(dense: nnx.Module, new: nnx.Module, structure: Structure, removed, factors) -> None:
-  """Raises CompactionError unless `new` runs at the shapes of the compacted function."""
+def _verify(dense: nnx.Module, new: nnx.Module, structure: Structure, removed, factors,
+            renormalize: bool) -> None:
+  """Raises CompactionError unless `new` computes the compacted function.
+
+  Shapes always; numbers on the structure's example inputs when they and the
+  model are concrete.
+  """
   fn, params, state = functional(dense, None)
   run, small_params, small_state = _rebuilt(fn, params, state, structure.inputs, structure,
                                             removed)
@@ -250,6 +286,64 @@ def _verify(dense: nnx.Module, new: nnx.Module, structure: Structure, removed, f
     raise CompactionError(_diagnosis("", new, factors,
                                      f"returns {got} where the compacted function returns "
                                      f"{expected}"))
+  concrete = not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(new_state_all))
+  if structure.example is None or not concrete:
+    return
+  module = nnx.merge(graphdef, new_state_all, copy=True)
+  counts = lambda: [int(c) for c in jax.tree.leaves(nnx.state(module, nnx.RngCount))]
+  before = counts()
+  got = module(*structure.example)
+  if counts() != before:
+    return  # the module drew random numbers (dropout in training mode): nothing to compare
+  difference = _relative_difference(got, run(small_params, small_state, *structure.example)[0])
+  if difference is None:
+    return
+  cut = _cut_normalized(structure, removed)
+  if cut and renormalize:
+    return
+  if cut:
+    norms = _normalising_modules(new, [structure.group(name) for name in cut])
+    raise CompactionError(
+        f"the compacted module computes other outputs than compact_fn on the traced example "
+        f"input (relative difference {difference:.3g}): groups {cut[:4]} lost "
+        "indices, and a normalisation reduces over them (modules holding such features "
+        f"outside conv and dense layers: {', '.join(norms) or 'none'}). The new module would "
+        "normalise over the kept features only. Pass renormalize=True to "
+        "accept that, keep those groups (e.g. structure.trace(..., ignore=...)), or use "
+        "oba_jax.surgery.compact_fn, which keeps the normalisation over the original width.")
+  raise CompactionError(_diagnosis("", new, factors, "computes other outputs than the "
+                                   f"compacted function (relative difference {difference:.3g})"))
+
+
+def _relative_difference(got, want) -> float | None:
+  """‖got − want‖ / ‖want‖ over all output leaves when above rounding, else None."""
+  got = [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(got)]
+  want_leaves = jax.tree.leaves(want)
+  eps = max((float(jax.numpy.finfo(x.dtype).eps) for x in want_leaves
+             if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact)), default=0.0)
+  want = [np.asarray(x, np.float64).ravel() for x in want_leaves]
+  error = math.sqrt(sum(float(np.sum((g - w) ** 2)) for g, w in zip(got, want)))
+  scale = math.sqrt(sum(float(np.sum(w ** 2)) for w in want))
+  difference = error / max(scale, np.finfo(np.float64).tiny)
+  return difference if difference > min(1e3 * eps, 1e-2) else None
+
+
+def _normalising_modules(model: nnx.Module, groups) -> list[str]:
+  """'`path` (Type)' of the submodules without a kernel that hold members of `groups`.
+
+  Those are where normalisation layers keep their scale and bias; the model
+  itself (path '') is left out.
+  """
+  modules = {"/".join(map(str, path)): node for path, node in nnx.iter_graph(model)
+             if isinstance(node, nnx.Module)}
+  found = []
+  for g in groups:
+    for m in param_members(g):
+      owner, _, leaf = m.path.rpartition("/")
+      if leaf not in KERNEL_NAMES and owner and owner in modules and not any(
+          isinstance(getattr(modules[owner], k, None), nnx.Variable) for k in KERNEL_NAMES):
+        found.append(f"`{owner}` ({type(modules[owner]).__name__})")
+  return list(dict.fromkeys(found))
 
 
 def _failing_module(paths: Mapping[int, str], error: BaseException):
@@ -294,94 +388,3 @@ def _delete(value, axes: Mapping[int, set[int]]):
   for axis, idx in axes.items():
     out = np.delete(out, sorted(idx), axis=axis)
   return jax.numpy.asarray(out, dtype=value.dtype)
-
-
-def _leading(original: Sequence[int], now: Sequence[int], minor: int) -> int:
-  """The product of the new factors before those whose original product is `minor`.
-
-  A grouped axis is (groups, per group), possibly refined into finer factors:
-  the groups are the factors left of the ones making up `minor` entries.
-  """
-  for k in range(len(original) + 1):
-    if math.prod(original[k:]) == minor:
-      return math.prod(now[:k])
-  raise ValueError(f"an axis factorised as {tuple(original)} does not end in {minor} entries "
-                   "per group: cannot resize the grouped layer.")
-
-
-def _resize_linear(module: nnx.Linear, _) -> None:
-  module.in_features, module.out_features = module.kernel.shape[-2:]  # stacked: (layers, in, out)
-
-
-def _resize_conv(module: nnx.Conv, factors) -> None:
-  groups, axis = module.feature_group_count, module.kernel.ndim - 1
-  if groups > 1 and factors("kernel", axis):  # output features are (group, out per group)
-    original = factors("kernel", axis, original=True)
-    module.feature_group_count = _leading(original, factors("kernel", axis),
-                                          math.prod(original) // groups)
-  module.out_features = module.kernel.shape[-1]
-  module.in_features = module.kernel.shape[-2] * module.feature_group_count
-
-
-def _norm_leaf(module) -> str | None:
-  return next((n for n in ("scale", "bias") if getattr(module, n, None) is not None), None)
-
-
-def _resize_norm(module, _) -> None:
-  leaf = _norm_leaf(module)
-  if leaf is not None:
-    module.num_features = getattr(module, leaf).shape[-1]
-
-
-def _resize_group_norm(module: nnx.GroupNorm, factors) -> None:
-  """Channels are (groups, per group); removing whole groups keeps the statistics exact."""
-  leaf = _norm_leaf(module)
-  axis = getattr(module, leaf).ndim - 1 if leaf else 0
-  if leaf is None or not factors(leaf, axis):
-    return
-  original, now = factors(leaf, axis, original=True), factors(leaf, axis)
-  features = getattr(module, leaf).shape[-1]
-  module.num_groups = _leading(original, now, module.group_size)
-  module.group_size = features // module.num_groups
-  module.num_features = features
-
-
-def _resize_embed(module: nnx.Embed, _) -> None:
-  module.num_embeddings, module.features = module.embedding.shape[-2:]
-
-
-def _resize_attention(module: MultiHeadAttention, factors) -> None:
-  axis = module.query.kernel.ndim - 1  # stacked modules have a leading layer axis
-  for leaf, attribute in (("query/kernel", "head_dim"), ("value/kernel", "value_head_dim")):
-    sizes = factors(leaf, axis)  # (heads..., head_dim)
-    if sizes:
-      setattr(module, attribute, sizes[-1])
-
-
-def _resize_linear_general(module: nnx.LinearGeneral, _) -> None:
-  """Kernel axes end in (in..., out...): sizes read from the new kernel."""
-  num_in, num_out = len(module.in_features), len(module.out_features)
-  shape = module.kernel.shape[module.kernel.ndim - num_in - num_out:]
-  module.in_features, module.out_features = tuple(shape[:num_in]), tuple(shape[num_in:])
-
-
-def _resize_flax_attention(module: nnx.MultiHeadAttention, _) -> None:
-  """Flax's attention checks its input width; heads and sizes come from the kernels."""
-  module.in_features = module.query.kernel.shape[0]
-  module.in_kv_features = module.key.kernel.shape[0]
-  module.num_heads, module.head_dim = module.query.kernel.shape[1:3]
-  if hasattr(module, "num_kv_heads"):
-    module.num_kv_heads = module.key.kernel.shape[1]
-  module.qkv_features = module.num_heads * module.head_dim
-  module.out_features = module.out.kernel.shape[-1]
-
-
-register_resizer(nnx.Linear, _resize_linear)
-register_resizer(nnx.LinearGeneral, _resize_linear_general)
-register_resizer(nnx.MultiHeadAttention, _resize_flax_attention)
-register_resizer(MultiHeadAttention, _resize_attention)
-register_resizer(nnx.Conv, _resize_conv)
-register_resizer(nnx.GroupNorm, _resize_group_norm)
-register_resizer(nnx.Embed, _resize_embed)
-for _norm in (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm):
-  register_resizer(_norm, _resize_norm)

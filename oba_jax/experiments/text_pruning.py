@@ -5,7 +5,7 @@ A `Task` says what is model-specific (the model, its batches, its task loss, its
 
   dense eval on the held-out split
   -> for every calibration seed and criterion: mean per-parameter scores over `calibration_batches`
-     batches (`scores.accumulate` of the criterion on the task loss), reduced per group
+     batches (`criteria.importance` of the criterion on the task loss), reduced per group
      (`structure.group_scores`) and cached in the workdir (scores/<criterion>_seed<s>.npz)
   -> for every kept-params target: `plan.select` -> `masks.apply` -> `surgery.compact`
      -> held-out metric (cached: runs/<criterion>_seed<s>_<target>.json) of the masked model,
@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from oba_jax import criteria, estimate, masks, plan, scores, structure, surgery
+from oba_jax import criteria, estimate, masks, plan, structure, surgery
 from oba_jax.data import wordnet
 from oba_jax.experiments import cli
 from oba_jax.functional import Objective, functional
@@ -279,14 +279,10 @@ def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed
       def compute():
         nonlocal batches
         batches = task.calibration(seed) if batches is None else batches
-        scorer = criteria.CRITERIA[name]
         start = time.perf_counter()
-        if scorer.uses_data:
-          s = scores.accumulate(_score_fn(name, objective), params, batches, key=key,
-                                num_batches=config.calibration_batches, progress=config.progress,
-                                mesh=mesh)
-        else:
-          s = scorer.score(objective, params, None, key)
+        s = criteria.importance(name, apply_fn, batches, params=params, objective=task.objective,
+                                num_batches=config.calibration_batches, key=key, mesh=mesh,
+                                progress=config.progress)
         grouped = structure.group_scores(traced, s, reduction=config.reduction)
         seconds = time.perf_counter() - start
         grouped = {k: np.asarray(v) for k, v in grouped.items()}

@@ -95,6 +95,9 @@ class Structure:
   param_terms: tuple[Term, ...]
   leaf_shapes: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
   inputs: tuple = ()  # the example inputs' shapes and dtypes (jax.ShapeDtypeStruct pytrees)
+  # The example inputs themselves when they were concrete arrays (`surgery.compact` runs
+  # its result on them), else None.
+  example: tuple | None = dataclasses.field(default=None, compare=False, repr=False)
   ignore: tuple[str, ...] = ()  # the `ignore` prefixes it was traced with
 
   def check_model_leaves(self, shapes: Mapping[str, tuple[int, ...]]) -> None:

@@ -14,7 +14,8 @@ Two reductions:
   normalised: groups compare in units of loss.
 - "paper": the official OBA code's reduction (method doc §1.4, normalizer
   "max", multivariable, group reduction "mean"). The prunable members (conv and
-  dense kernels and their biases, `oba_jax.delta.default_prunable`) form
+  dense kernels and their biases, `oba_jax.delta.default_prunable`, or the
+  leaves that `prunable=` selects: pass the same one the scores used) form
   *layer slices*: the members of one module that share an axis counted from the
   end (a kernel's output axis with its bias, or a kernel's input axis). Each
   layer slice gives the signed sum of its scores per index, then its absolute
@@ -38,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oba_jax.delta import default_prunable, path_str
+from oba_jax.delta import Prunable, path_str, prunable_mask
 from oba_jax.structure.groups import Group, Member, Structure
 from oba_jax.validate import check_choice, check_finite
 
@@ -48,8 +49,8 @@ REDUCTIONS = ("paper", "sum")
 NORMALISER_EPS = 1e-6  # the official "max" normaliser's v / (max(v) + 1e-6)
 
 
-def group_scores(structure: Structure, scores: PyTree, *,
-                 reduction: str = "paper") -> dict[str, np.ndarray]:
+def group_scores(structure: Structure, scores: PyTree, *, reduction: str = "paper",
+                 prunable: Prunable | None = None) -> dict[str, np.ndarray]:
   """One float64 score per index of every group, reduced from per-parameter scores.
 
   Args:
@@ -58,18 +59,44 @@ def group_scores(structure: Structure, scores: PyTree, *,
     reduction: "paper" (the official normalised reduction, comparable across
       groups) or "sum" (each index's signed share of the predicted loss
       change). See the module docstring for the exact definitions.
+    prunable: which leaves were scored, as for the scores (`oba_jax.delta`): None
+      (the kernel/bias naming rule), a predicate `(path, leaf) -> bool` or a mask
+      tree. "paper" forms its layer slices from the leaves with any prunable entry.
 
   Returns:
     {group name: array of shape (group.size,)}.
+
+  Raises:
+    ValueError: every group score is zero although the groups' per-parameter
+      scores are not (e.g. no scored leaf matches the naming rule: pass
+      `prunable=`).
   """
   check_choice("reduction", reduction, REDUCTIONS)
   leaves = member_leaves(structure, scores, "scores")
   check_finite(scores, "scores")
   if reduction == "sum":
-    return {g.name: _owned_sum(g, leaves) for g in structure.groups}
-  prunable = {path_str(p): flag
-              for p, flag in jax.tree_util.tree_flatten_with_path(default_prunable(scores))[0]}
-  return {g.name: _paper_score(g, leaves, prunable) for g in structure.groups}
+    reduced = {g.name: _owned_sum(g, leaves) for g in structure.groups}
+  else:
+    layer_leaves = {path_str(p): bool(np.any(flag)) for p, flag in
+                    jax.tree_util.tree_flatten_with_path(prunable_mask(scores, prunable))[0]}
+    reduced = {g.name: _paper_score(g, leaves, layer_leaves) for g in structure.groups}
+  _check_not_silently_zero(structure, leaves, reduced, reduction)
+  return reduced
+
+
+def _check_not_silently_zero(structure: Structure, leaves: Mapping[str, Any],
+                             reduced: Mapping[str, np.ndarray], reduction: str) -> None:
+  """Raises when every group score is 0 but some member's per-parameter scores are not."""
+  if any(np.any(v) for v in reduced.values()):
+    return
+  scored = sorted({m.path for g in structure.groups for m in param_members(g)
+                   if bool(jnp.any(leaves[m.path] != 0))})
+  if scored:
+    raise ValueError(
+        f"group_scores(reduction={reduction!r}) gives 0 for every group, but the scores of "
+        f"{scored[:3]} are not 0: no scored leaf counts as a layer slice (the default "
+        "naming rule takes leaves named kernel/weight/w with a bias/b beside them). Pass "
+        "prunable= the predicate or mask the scores were computed with.")
 
 
 def param_members(group: Group) -> tuple[Member, ...]:

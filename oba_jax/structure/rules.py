@@ -336,13 +336,46 @@ def gather(walk: Walk, eqn, ins: list[Shape]) -> list[Shape]:
   return [tuple(out)]
 
 
-@register_rule("scatter", "scatter-add", "scatter_add", "dynamic_update_slice")
+@register_rule("scatter", "scatter-add", "scatter_add")
+def scatter(walk: Walk, eqn, ins: list[Shape]) -> list[Shape]:
+  """Rows written or summed into by index (`x.at[i].set/add`, `segment_sum`): like `gather`.
+
+  The operand axes the indices select (`scatter_dims_to_operand_dims`, e.g. the
+  nodes of a graph) are data, and so are the updates' scatter axes (the edges);
+  an update window axis that covers its operand axis whole is the same axis (a
+  feature axis carried through, e.g. a GCN's channels). A scatter-add accumulates
+  every update entry once: its MACs are the updates' size, what a sparse-dense
+  product with one nonzero per update costs (`segment_sum` of messages is the
+  adjacency matrix times the features).
+  """
+  atoms, dn = walk.atoms, eqn.params["dimension_numbers"]
+  operand, _, updates = ins
+  op_shape, up_shape = _in_shape(eqn, 0), _in_shape(eqn, 2)
+  indexed = set(dn.scatter_dims_to_operand_dims) | set(dn.operand_batching_dims)
+  window = [d for d in range(len(operand))
+            if d not in dn.inserted_window_dims and d not in dn.operand_batching_dims]
+  for d in indexed:
+    atoms.fix(operand[d])
+  for d_up, d_op in zip(dn.update_window_dims, window):
+    if d_op in indexed or up_shape[d_up] != op_shape[d_op]:
+      atoms.fix(operand[d_op])
+      atoms.fix(updates[d_up])
+    else:
+      atoms.unify(operand[d_op], updates[d_up])
+  for d in range(len(updates)):
+    if d not in dn.update_window_dims:
+      atoms.fix(updates[d])
+  if eqn.primitive.name != "scatter":
+    walk.mac_terms.append((walk.label(eqn, "scatter-add"), list(updates)))
+  return [operand]
+
+
+@register_rule("dynamic_update_slice")
 def overwrite(walk: Walk, eqn, ins: list[Shape]) -> list[Shape]:
-  """A full overwrite (e.g. `x.at[...].set(y)`) shares every axis; anything else is data."""
-  update = 2 if eqn.primitive.name.startswith("scatter") else 1
-  if _in_shape(eqn, 0) != _in_shape(eqn, update):
+  """A full overwrite shares every axis; anything else is data."""
+  if _in_shape(eqn, 0) != _in_shape(eqn, 1):
     return unsupported(walk, eqn, ins)
-  for a, b in zip(ins[0], ins[update]):
+  for a, b in zip(ins[0], ins[1]):
     walk.atoms.unify(a, b)
   return [ins[0]]
 

@@ -52,6 +52,7 @@ from oba_jax.delta import KERNEL_NAMES, path_str
 from oba_jax.structure.atoms import Atoms, Layout, UnsupportedLayoutError
 from oba_jax.structure.groups import Group, Member, Structure, Term
 from oba_jax.structure.rules import RULES, Shape, Walk, unsupported
+from oba_jax.validate import is_traced
 
 
 class UnsupportedPrimitiveError(UnsupportedLayoutError):
@@ -125,8 +126,10 @@ def trace(model: nnx.Module | Callable, *example_inputs, ignore: Sequence[str] =
   shapes = {path: tuple(np.shape(x)) for path, _, x in traced.leaves}
   inputs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)),
                         tuple(example_inputs))
+  concrete = all(isinstance(x, (np.ndarray, np.generic, jax.Array)) and not is_traced(x)
+                 for x in jax.tree.leaves(example_inputs))
   return Structure(groups, tuple(mac_terms), tuple(param_terms), shapes, inputs=inputs,
-                   ignore=tuple(ignore))
+                   ignore=tuple(ignore), example=tuple(example_inputs) if concrete else None)
 
 
 def analyse(fn: Callable, params: Any, state: Any, example_inputs: Sequence[Any],
