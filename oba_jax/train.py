@@ -43,7 +43,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from oba_jax import masks, runs
+from oba_jax import masks, runs, runtime
 from oba_jax.delta import check_like
 from oba_jax.estimate import data_mesh, pace, replicate, shard_batch
 from oba_jax.evaluation import evaluate, evaluate_split
@@ -118,8 +118,8 @@ def make_train_step(
     sums["first_nonfinite"] = jnp.where((first == 0) & ~finite, sums["steps"], first)
     return TrainState(params, model_state, opt_state, sums)
 
-  return jax.jit(train_step, out_shardings=NamedSharding(mesh, PartitionSpec()),
-                 donate_argnums=0)
+  return runtime.jit(train_step, out_shardings=NamedSharding(mesh, PartitionSpec()),
+                     donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=8)
