@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from oba_jax import scores
 from oba_jax.activation_norm import activation_norm
-from oba_jax.delta import Prunable, removal_delta
+from oba_jax.delta import Prunable, removal_delta, weights_and_scales
 from oba_jax.functional import Objective, ObjectiveFn, classification, objective_of
 from oba_jax.validate import check_choice, check_count
 
@@ -51,6 +51,11 @@ class Criterion:
     official_schedule: the schedule the official code pairs with it
       (`oba_jax.procedure`): "exponential" for OBA and FastOBA, "linear" for
       every baseline (method notes §1.5, pitfall P12).
+    official_prunable: what the official code scores the criterion on, when that is not
+      the default kernels and biases: magnitude averages the L1 norms of the convs' and
+      dense layers' slices with BatchNorm's |γ| and leaves biases out
+      (`delta.weights_and_scales`). The official step rule uses it unless the caller
+      passes `prunable=`.
     needs_model: True when the score needs the objective's split into model
       outputs and output loss (GGN, Fisher, K-FAC), not the loss alone.
   """
@@ -60,6 +65,7 @@ class Criterion:
   entrywise: bool = False
   per_example: bool = False
   official_schedule: str = "linear"
+  official_prunable: Callable[[str, Any], bool] | None = None
   needs_model: bool = False
 
 
@@ -126,7 +132,8 @@ _OBA_FAMILY = dict(official_schedule="exponential")  # OBA and FastOBA (Taylor o
 # (one backward pass of the batch), so like "obd_fisher" they are `per_example`.
 CRITERIA = types.MappingProxyType(
     dict(
-        magnitude=Criterion(_magnitude, uses_data=False, entrywise=True),
+        magnitude=Criterion(_magnitude, uses_data=False, entrywise=True,
+                            official_prunable=weights_and_scales),
         random=Criterion(_random, uses_data=False, entrywise=True),
         taylor=Criterion(functools.partial(_taylor, order=1), entrywise=True),
         obd_fisher=Criterion(functools.partial(_obd, diag="fisher"), entrywise=True,

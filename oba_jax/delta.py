@@ -25,6 +25,7 @@ Prunable = Callable[[str, jax.Array], bool] | PyTree
 
 KERNEL_NAMES = frozenset({"kernel", "weight", "w"})
 BIAS_NAMES = frozenset({"bias", "b"})
+SCALE_NAMES = frozenset({"scale", "gamma"})  # normalisation scales (Flax, haiku)
 _WRAPPER_KEYS = frozenset({"value", "raw_value"})  # NNX Variable attributes
 
 
@@ -64,6 +65,18 @@ def default_prunable(params: PyTree) -> PyTree:
       for n, (_, leaf) in zip(names, leaves)
   ]
   return jax.tree_util.tree_unflatten(treedef, flags)
+
+
+def weights_and_scales(path: str, leaf) -> bool:
+  """Conv and dense kernels and normalisation scales, no biases: a predicate for `prunable`.
+
+  The members of the official magnitude importance (Torch-Pruning's `MagnitudeImportance`
+  with `bias=False`: conv and linear weights, and BatchNorm and LayerNorm weights, i.e. |γ|),
+  which the official step rule scores magnitude with (`oba_jax.procedure`).
+  """
+  name = path.rpartition("/")[2]
+  return ((name in KERNEL_NAMES and jnp.ndim(leaf) >= 2)
+          or (name in SCALE_NAMES and jnp.ndim(leaf) == 1))
 
 
 def check_like(tree: PyTree, params: PyTree, what: str, *, scalar_leaves_ok: bool = False) -> None:

@@ -56,6 +56,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from oba_jax import flops, masks, plan, procedure, structure
+from oba_jax.criteria import CRITERIA
 from oba_jax.delta import Prunable
 from oba_jax.functional import ObjectiveFn, classification
 from oba_jax.model_view import Compacted, ModelView
@@ -345,13 +346,15 @@ def _structured(
   until the cost meets the target. `finetune` (if any) runs at every target.
   """
   targets = config.targets
+  official = config.procedure == "official"
+  if official and prunable is None:  # what the official code scores the criterion on
+    prunable = CRITERIA[config.criterion].official_prunable
   view, model = ModelView.of(model, params, objective, config.criterion, prunable)
   traced = view.trace(model, example_input, ignore=config.ignore)
   # Whether the caps allow the last target does not depend on the scores: check it
   # (and the selection settings) before scoring anything.
   zeros = {g.name: np.zeros(g.size) for g in traced.groups}
   plan.select(traced, zeros, target=targets[-1], **config.selection)
-  official = config.procedure == "official"
   if official:
     ratios = iter(procedure.channel_ratios(config.schedule_name, targets[-1].ratio, config.steps))
   else:

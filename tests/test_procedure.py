@@ -2,13 +2,14 @@
 every step scoring a model whose BatchNorm statistics fit its channels."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from oba_jax import batchnorm, criteria, masks, plan, procedure, prune
+from oba_jax import batchnorm, criteria, masks, model_view, plan, procedure, prune
 from oba_jax.structure import Group, Member, Structure, Term
-from tests.test_prune import BATCHES, KEY, X, resnet  # noqa: F401 (a fixture)
+from tests.test_prune import BATCHES, KEY, X, TinyNet, params_of, resnet  # noqa: F401 (a fixture)
 
 # --- schedules ------------------------------------------------------------------
 
@@ -164,7 +165,7 @@ def scored_models(monkeypatch):
     seen.append(nnx.clone(model))
     return criteria.importance(criterion, model, *args, **kwargs)
 
-  monkeypatch.setattr(prune, "importance", recording)
+  monkeypatch.setattr(model_view, "importance", recording)
   return seen
 
 
@@ -197,3 +198,25 @@ def test_batch_statistics_scoring_needs_no_recalibration(resnet, monkeypatch):
   result = prune.one_shot(resnet, X, BATCHES, config, key=KEY)
   assert [r.recalibration_batches for r in result.history] == [0, 0]
   jax.tree.map(np.testing.assert_array_equal, batch_stats(seen[1]), batch_stats(resnet))
+
+
+def test_official_magnitude_averages_the_conv_slices_with_batchnorm_gamma(monkeypatch):
+  """The official Weight baseline: per channel the mean of the conv's output-slice L1 norm, the
+  classifier's input-slice L1 norm and |γ| (no biases), over its maximum."""
+  model = TinyNet(nnx.Rngs(0))
+  model.eval()
+  model.bn.scale.set_value(jnp.linspace(0.5, 2.0, 4))
+  seen = []
+  real = procedure.official_step
+  monkeypatch.setattr(procedure, "official_step",
+                      lambda s, scores, **kw: seen.append(scores) or real(s, scores, **kw))
+  config = prune.StructuredConfig(criterion="magnitude", targets=0.7, steps=4,
+                                  procedure="official", max_ratio=1.0)
+  prune.one_shot(model, X, BATCHES, config, key=KEY)
+  params = params_of(model)
+  conv = np.abs(np.asarray(params["conv"]["kernel"])).sum(axis=(0, 1, 2))
+  dense = np.abs(np.asarray(params["classifier"]["kernel"])).sum(axis=1)
+  gamma = np.abs(np.asarray(params["bn"]["scale"]))
+  mean = (conv + dense + gamma) / 3
+  (scores,) = seen[0].values()
+  np.testing.assert_allclose(scores, mean / (mean.max() + 1e-6), rtol=1e-6)
