@@ -120,8 +120,7 @@ def claim_workdir(workdir: str, config: ml_collections.ConfigDict,
           f"{differing[:6]}); use a new --workdir, or the same config to resume. Nothing was "
           "changed.")
     if _holds_work(workdir):
-      said = "; ".join(f"{k}: {_short(recorded.get(k))} then, {_short(inputs.get(k))} now"
-                       for k in changed[:4])
+      said = "; ".join(_change(k, recorded.get(k), inputs.get(k)) for k in changed[:4])
       raise ValueError(
           f"workdir {workdir!r} holds a run of this configuration on other inputs ({said}); "
           "its cached stages would mix with results of the new inputs. Use a new --workdir, "
@@ -140,10 +139,20 @@ def path_inputs(config: ml_collections.ConfigDict) -> dict[str, dict]:
           if flat.get(key) and os.path.exists(flat[key])}
 
 
+def _change(name: str, before: Any, now: Any) -> str:
+  """'<name>: <before> then, <now> now', down to the files that differ in groups of them."""
+  if isinstance(before, dict) and isinstance(now, dict) and "path" not in before | now:
+    keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    return "; ".join(_change(f"{name} {k}", before.get(k), now.get(k)) for k in keys[:3])
+  return f"{name}: {_short(before)} then, {_short(now)} now"
+
+
 def _short(value: Any) -> str:
   """An input's fingerprint in a few words: its path, size and the start of its digest."""
   if not isinstance(value, dict):
     return repr(value)
+  if "path" not in value:  # a group of fingerprints, e.g. the files of a model directory
+    return "[" + ", ".join(_short(v) for v in value.values()) + "]"
   digest = value.get("sha256") or value.get("names_and_sizes") or ""
   return f"{value.get('path')} ({value.get('size')} bytes, {digest[:12]})"
 
