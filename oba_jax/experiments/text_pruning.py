@@ -39,7 +39,7 @@ from flax import nnx
 
 from oba_jax import criteria, estimate, files, masks, plan, structure, surgery
 from oba_jax.data import wordnet
-from oba_jax.experiments import cli
+from oba_jax.experiments import cli, text_report
 from oba_jax.functional import Objective, functional
 
 PyTree = Any
@@ -324,7 +324,7 @@ def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed
   os.makedirs(os.path.join(workdir, "runs"), exist_ok=True)
   dense_path = os.path.join(workdir, "dense.json")
   if os.path.exists(dense_path):
-    dense = cli.read_json(dense_path)
+    dense = cli.read_json(dense_path, what="the cached dense evaluation")
   else:
     start = time.perf_counter()
     dense = task.evaluate(task.model)
@@ -341,7 +341,8 @@ def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed
   else:
     mesh = estimate.data_mesh()
   costs_path = os.path.join(workdir, "costs.json")
-  costs = cli.read_json(costs_path) if os.path.exists(costs_path) else {}
+  costs = (cli.read_json(costs_path, what="the cached costs of the criteria")
+           if os.path.exists(costs_path) else {})
 
   rows = []
   for seed in parsed["seeds"]:
@@ -375,7 +376,7 @@ def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed
       for target in parsed["targets"]:
         run_path = os.path.join(workdir, "runs", f"{name}_seed{seed}_{target:g}.json")
         if os.path.exists(run_path):
-          row = cli.read_json(run_path)
+          row = cli.read_json(run_path, what="a cached pruned evaluation")
         else:
           row = _prune_and_evaluate(task, traced, group_vectors, target, config, dense_params)
           row.update(criterion=name, seed=seed, target=target, scoring_seconds=seconds)
@@ -388,8 +389,8 @@ def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed
              "info": task.info, "metric": task.metric, "dense_params": dense_params,
              "groups": {g.name: g.size for g in traced.groups}}
   cli.write_json(os.path.join(workdir, "results.json"), results)
-  plot(results, os.path.join(workdir, f"{task.metric}.png"))
-  print(table(results))
+  text_report.plot(results, os.path.join(workdir, f"{task.metric}.png"))
+  print(text_report.table(results))
   print(f"\nwrote {os.path.join(workdir, 'results.json')}")
   return results
 
@@ -411,47 +412,3 @@ def _prune_and_evaluate(task: Task, traced, group_vectors, target: float, config
           "kept_macs": chosen.predicted.macs / chosen.dense.macs,
           "removed": {g: len(v) for g, v in chosen.removed.items() if len(v)},
           "max_abs_compact_minus_masked": float(jnp.max(jnp.abs(compact_out - masked_out)))}
-
-
-def table(results: dict) -> str:
-  metric = results["metric"]
-  lines = [f"{'criterion':16s} {'seed':>4s} {'target':>6s} {'kept':>6s} {metric:>12s}",
-           f"{'dense':16s} {'':>4s} {'':>6s} {1.0:6.3f} {results['dense'][metric]:12.4f}"]
-  for r in results["runs"]:
-    lines.append(f"{r['criterion']:16s} {r['seed']:4d} {r['target']:6.3f} {r['kept_params']:6.3f} "
-                 f"{r[metric]:12.4f}")
-  for name, c in results["costs"].items():
-    lines.append(f"cost {name}: {c['in_gradients']:.2f} gradients per batch")
-  return "\n".join(lines)
-
-
-def plot(results: dict, path: str) -> None:
-  """Metric vs kept parameter fraction: mean over seeds, bars from min to max."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  metric = results["metric"]
-  fig, ax = plt.subplots(figsize=(6, 4))
-  by_criterion: dict[str, dict[float, list]] = {}
-  for r in results["runs"]:
-    by_criterion.setdefault(r["criterion"], {}).setdefault(r["target"], []).append(
-        (r["kept_params"], r[metric]))
-  for name, by_target in by_criterion.items():
-    xs, ys, lo, hi = [], [], [], []
-    for target in sorted(by_target):
-      points = np.asarray(by_target[target])
-      xs.append(points[:, 0].mean())
-      ys.append(points[:, 1].mean())
-      lo.append(max(ys[-1] - points[:, 1].min(), 0.0))  # equal values: the mean may be off
-      hi.append(max(points[:, 1].max() - ys[-1], 0.0))    # by one rounding step
-    ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=name)
-  ax.axhline(results["dense"][metric], color="k", ls="--", lw=1, label="dense")
-  ax.set_xlabel("kept fraction of parameters")
-  ax.set_ylabel(metric)
-  if metric == "perplexity":
-    ax.set_yscale("log")
-  ax.legend(fontsize=7)
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  files.write_atomic(path, lambda f: fig.savefig(f, dpi=120, format="png"))
-  plt.close(fig)
