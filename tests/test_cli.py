@@ -135,6 +135,22 @@ def test_the_data_and_weights_a_config_names_are_part_of_the_identity(tmp_path):
     cli.claim_workdir(workdir, config(data_dir=str(data)))
 
 
+def test_only_the_data_set_of_a_shared_tfds_dir_counts(tmp_path):
+  tfds_dir = tmp_path / "tensorflow_datasets"
+  (tfds_dir / "fashion_mnist").mkdir(parents=True)
+  (tfds_dir / "fashion_mnist" / "train.array_record").write_bytes(b"123")
+  settings = config(data_dir=str(tfds_dir), dataset="fashion_mnist")
+  workdir = str(tmp_path / "run")
+  cli.claim_workdir(workdir, settings)
+  (tmp_path / "run" / "results.json").write_text("{}")
+  (tfds_dir / "cifar10").mkdir()  # another data set prepared there since
+  (tfds_dir / "cifar10" / "train.array_record").write_bytes(b"4567")
+  cli.claim_workdir(workdir, settings)
+  (tfds_dir / "fashion_mnist" / "test.array_record").write_bytes(b"89")
+  with pytest.raises(ValueError, match=r"other inputs \(data_dir: \S+fashion_mnist \(3 bytes"):
+    cli.claim_workdir(workdir, settings)
+
+
 def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
   path = tmp_path / "a_file"
   path.write_text("mine")

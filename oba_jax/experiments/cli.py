@@ -133,10 +133,15 @@ def claim_workdir(workdir: str, config: ml_collections.ConfigDict,
 
 def path_inputs(config: ml_collections.ConfigDict) -> dict[str, dict]:
   """{key: `files.fingerprint`} of the files and directories the config's `PATH_KEYS` name
-  (the data, initial weights or checkpoint a run reads), for those that are set."""
+  (the data, initial weights or checkpoint a run reads), for those that are set. A TFDS
+  `data_dir` holding a folder named after the config's `dataset` counts by that folder only
+  (other data sets prepared there later do not change what this run read)."""
   flat = dict(_flat_items(config.to_dict()))
-  return {key: files.fingerprint(flat[key]) for key in PATH_KEYS
-          if flat.get(key) and os.path.exists(flat[key])}
+  paths = {key: flat[key] for key in PATH_KEYS if flat.get(key) and os.path.exists(flat[key])}
+  own = os.path.join(paths.get("data_dir", ""), str(flat.get("dataset")))
+  if "data_dir" in paths and flat.get("dataset") and os.path.isdir(own):
+    paths["data_dir"] = own
+  return {key: files.fingerprint(path) for key, path in paths.items()}
 
 
 def _change(name: str, before: Any, now: Any) -> str:

