@@ -207,3 +207,17 @@ def test_every_key_of_every_cli_has_a_description():
     undescribed = [k for k, line in zip(keys, out.stdout.split("\n  --config.")[1:])
                    if "(no description)" in line]
     assert not undescribed, f"{name}: {undescribed}"
+
+
+def test_batch_sizes_the_devices_do_not_divide_are_refused_before_the_claim(tmp_path):
+  from test_estimate import worker_env
+  out = subprocess.run([sys.executable, "-m", "oba_jax.experiments.quickstart",
+                        f"--workdir={tmp_path / 'run'}", "--config.smoke=True",
+                        "--config.progress=False"],
+                       capture_output=True, text=True, timeout=300, env=worker_env(3))
+  assert out.returncode == 2, out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (
+      "quickstart.py: ValueError: batch_size=32, importance_batch_size=16: batches are split "
+      "over the 3 devices, so batch sizes must be multiples of 3; change them, or the number "
+      "of devices (XLA_FLAGS=--xla_force_host_platform_device_count=N on CPU).")
+  assert not os.path.exists(tmp_path / "run")  # not claimed: any rerun may use it

@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -78,6 +79,30 @@ def write_json(path: str, value: Any) -> None:
   """Writes JSON atomically (`files.write_atomic`: whole or not at all, the user's umask)."""
   text = json.dumps(value, indent=1, sort_keys=True, default=str)
   files.write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def start_run(workdir: str, config: ml_collections.ConfigDict,
+              smoke: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict],
+              batch_sizes: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  """The config to run (`smoke(config)` in smoke mode), once its `batch_sizes` (dotted keys)
+  are checked against the devices and `workdir` is claimed for `config` as given."""
+  run_config = smoke(config) if config.get("smoke") else config
+  check_batch_sizes(run_config, batch_sizes)
+  claim_workdir(workdir, config)
+  return run_config
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict, keys: tuple[str, ...]) -> None:
+  """Raises a ValueError naming the batch-size settings (dotted `keys`) that this process's
+  devices do not divide: every batch is split over them (`estimate.shard_batch`)."""
+  devices = jax.local_device_count()
+  flat = dict(_flat_items(config.to_dict()))
+  bad = [f"{key}={flat[key]}" for key in keys if flat[key] % devices]
+  if bad:
+    raise ValueError(f"{', '.join(bad)}: batches are split over the {devices} devices, so "
+                     f"batch sizes must be multiples of {devices}; change them, or the "
+                     "number of devices (XLA_FLAGS=--xla_force_host_platform_device_count=N "
+                     "on CPU).")
 
 
 def claim_workdir(workdir: str, config: ml_collections.ConfigDict,
