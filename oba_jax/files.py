@@ -7,7 +7,8 @@
 A write goes to a hidden temporary file in the same directory, is flushed to the disk and
 renamed into place, so a kill leaves the old file or the new one. The temporary file is
 created with mode 0666 minus the umask (as `open` does; `tempfile` would give 0600), and is
-removed when the write fails. A full disk (ENOSPC, EDQUOT) becomes a `DiskFullError` that names
+removed when the write fails (or, after a kill, by `remove_leftovers` when the workdir is
+claimed again). A full disk (ENOSPC, EDQUOT) becomes a `DiskFullError` that names
 the directory.
 
 A fingerprint identifies an input without keeping it: for a file its size and SHA-256; for a
@@ -19,11 +20,13 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import secrets
 from collections.abc import Callable
 from typing import IO, Any
 
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+_TEMPORARY = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp")  # `write_atomic`'s temporary files
 
 
 class DamagedFileError(ValueError):
@@ -66,6 +69,22 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
     if isinstance(error, OSError):
       raise _full(error, directory) from None
     raise
+
+
+def remove_leftovers(directory: str | os.PathLike) -> list[str]:
+  """Removes the temporary files that killed writers left below `directory` (returned).
+
+  Only for a directory no other process writes to (a locked workdir): the names are
+  `write_atomic`'s own, so no other file is touched.
+  """
+  removed = []
+  for root, _, names in os.walk(directory):
+    for name in names:
+      if _TEMPORARY.fullmatch(name):
+        with contextlib.suppress(OSError):
+          os.unlink(os.path.join(root, name))
+          removed.append(os.path.join(root, name))
+  return removed
 
 
 def _full(error: OSError, directory: str) -> OSError:

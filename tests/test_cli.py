@@ -221,3 +221,13 @@ def test_batch_sizes_the_devices_do_not_divide_are_refused_before_the_claim(tmp_
       "over the 3 devices, so batch sizes must be multiples of 3; change them, or the number "
       "of devices (XLA_FLAGS=--xla_force_host_platform_device_count=N on CPU).")
   assert not os.path.exists(tmp_path / "run")  # not claimed: any rerun may use it
+
+
+def test_temporary_files_of_a_killed_write_are_removed_when_the_workdir_is_claimed(tmp_path):
+  (tmp_path / "scores").mkdir()
+  left = tmp_path / "scores" / ".oba_seed1.npz.4242.0123abcd.tmp"  # a writer killed mid-write
+  left.write_bytes(b"half")
+  mine = tmp_path / "scores" / "notes.tmp"  # not a name the writer gives
+  mine.write_text("keep")
+  cli.claim_workdir(str(tmp_path), config())
+  assert not left.exists() and mine.read_text() == "keep"

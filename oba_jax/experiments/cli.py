@@ -127,6 +127,7 @@ def claim_workdir(workdir: str, config: ml_collections.ConfigDict,
     raise PermissionError(f"workdir {workdir!r} is not writable; a run writes its checkpoints "
                           "and results there. Use another --workdir, or copy this one.")
   _lock(workdir)
+  files.remove_leftovers(workdir)  # of killed writes; the lock makes them no one else's
   wanted = _comparable(config.to_dict())
   inputs = json.loads(json.dumps({**path_inputs(config), **(inputs or {})}, default=str))
   path, inputs_path = os.path.join(workdir, CONFIG_FILE), os.path.join(workdir, INPUTS_FILE)
