@@ -85,7 +85,7 @@ def check_finite_params(params: PyTree) -> None:
   A non-finite weight makes every score downstream of it NaN, so checking the scores would
   blame whichever leaf comes first (a BatchNorm scale before the conv kernel at fault).
   """
-  if is_traced(params):
+  if is_traced(params) or _all_finite(params):  # one program; the leaf is looked for after
     return
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     if not getattr(leaf, "is_fully_addressable", True):  # other processes hold parts of it
@@ -97,6 +97,18 @@ def check_finite_params(params: PyTree) -> None:
           f"parameter '{path_str(path)}' holds {bad} NaN or Inf of its {value.size} values, so "
           "every score computed from it would be NaN. The model diverged or its weights were "
           "loaded from a damaged file.")
+
+
+@jax.jit
+def _all_finite(tree: PyTree) -> jax.Array:
+  """Whether every inexact leaf of `tree` is finite, as one program (any sharding)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                            if jnp.issubdtype(x.dtype, jnp.inexact)] or [jnp.array(True)]))
+
+
+@jax.jit
+def _any_nonzero(tree: PyTree) -> jax.Array:
+  return jnp.any(jnp.stack([jnp.any(x != 0) for x in jax.tree.leaves(tree)]))
 
 
 def check_scores(tree: PyTree, what: str, batch: PyTree = None) -> PyTree:
@@ -113,10 +125,7 @@ def warn_if_zero(tree: PyTree, what: str, batch: PyTree = None) -> None:
   through BatchNorm with batch statistics (one example on a 1x1 map normalises to zero), a
   constant output, or a loss that is zero (self-distillation at the dense weights).
   """
-  if is_traced(tree):
-    return
-  leaves = [x for x in jax.tree.leaves(tree) if getattr(x, "is_fully_addressable", True)]
-  if not leaves or any(np.any(np.asarray(x)) for x in leaves):
+  if is_traced(tree) or not jax.tree.leaves(tree) or _any_nonzero(tree):
     return
   rows = {np.shape(x)[0] for x in jax.tree.leaves(batch) if np.ndim(x)}
   one = (" This batch holds one example: BatchNorm with batch statistics (training mode) "
