@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from oba_jax.delta import path_str
+from oba_jax.validate import check_finite_params, warn_if_zero
 
 PyTree = Any
 DATA_AXIS = "data"
@@ -182,7 +183,11 @@ def accumulate(
       of warning (the mean is then over the batches there were).
 
   Returns:
-    The mean score over the batches, sharded like `params`.
+    The mean score over the batches, sharded like `params`. Half-precision
+    (float16, bfloat16) scores are summed and returned in float32: a running sum of
+    hundreds of batches in bfloat16 loses a tenth of its value to rounding.
+    Non-finite parameters are refused by name before any batch, and scores that are
+    all zero warn with the likely reason (`validate.warn_if_zero`).
 
   Compiles once: the jitted step is kept for a hashable `score_fn` (a frozen
   dataclass, a module-level function; not a fresh `functools.partial` or
@@ -193,6 +198,7 @@ def accumulate(
   """
   if num_batches is not None and num_batches < 1:
     raise ValueError(f"num_batches must be >= 1 or None, got {num_batches}.")
+  check_finite_params(params)
   mesh = data_mesh() if mesh is None else mesh
   param_shardings = jax.tree.map(lambda x: _param_sharding(x, mesh), params)
   params = jax.device_put(params, param_shardings)
@@ -207,8 +213,9 @@ def accumulate(
   if progress:
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
     batches = tqdm(batches, total=num_batches, desc="scores", unit="batch")
-  total, flags, count = None, [], 0
+  total, flags, count, first = None, [], 0, None
   for count, batch in enumerate(batches, start=1):
+    first = batch if first is None else first
     batch = shard_batch(batch, mesh)
     batch_key = None if key is None else jax.random.fold_in(key, count - 1)
     if total is None:
@@ -232,7 +239,9 @@ def accumulate(
         f"scores are NaN or Inf in {len(bad)} of {count} batches (first: batch {bad[0]}). "
         "Check the loss on those batches."
     )
-  return _divided(total, count)  # one program, not one per leaf (see `pace`)
+  mean = _divided(total, count)  # one program, not one per leaf (see `pace`)
+  warn_if_zero(mean, f"accumulate over {count} batches", first)
+  return mean
 
 
 def _call(score_fn: Callable[..., PyTree], with_key: bool, with_constants: bool) -> Callable:
@@ -253,7 +262,7 @@ def _make_step(score_fn: Callable[..., PyTree], with_key: bool, with_constants: 
   def score_step(total, p, b, k, c):
     s = call(p, b, k, c)
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(s)]))
-    return jax.tree.map(jnp.add, total, s), finite
+    return jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, s), finite
 
   return score_step
 
@@ -281,5 +290,10 @@ def _zeros_like(shapes: PyTree, params: PyTree, param_shardings: PyTree, mesh: M
     shardings = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), shapes)
   return jax.tree.map(
       lambda s, sharding: jax.make_array_from_callback(
-          s.shape, sharding, lambda index: np.zeros(s.shape, s.dtype)[index]),
+          s.shape, sharding, lambda index: np.zeros(s.shape, sum_dtype(s.dtype))[index]),
       shapes, shardings)
+
+
+def sum_dtype(dtype) -> np.dtype:
+  """The dtype a running sum of `dtype` values is kept in: float32 for half precision."""
+  return np.dtype(jnp.float32) if dtype in (jnp.float16, jnp.bfloat16) else np.dtype(dtype)

@@ -52,7 +52,7 @@ from oba_jax.curvature import (bilinear_vp, fisher_diagonal, ggn_vp, grad_deriva
                                hutchinson_diagonal, hvp, residual_vp)
 from oba_jax.delta import Prunable, prunable_mask, removal_delta
 from oba_jax.estimate import accumulate
-from oba_jax.validate import check_choice, check_finite, check_score_inputs
+from oba_jax.validate import check_choice, check_score_inputs, check_scores
 
 PyTree = Any
 
@@ -116,7 +116,7 @@ def oba(
   scores = jax.tree.map(lambda d, cd: d * cd / 2, delta, c_delta)
   if first_order:
     scores = jax.tree.map(lambda s, d, g: s + d * g, scores, delta, grad)
-  return check_finite(scores, f"oba(curvature={curvature!r})")
+  return check_scores(scores, f"oba(curvature={curvature!r})", batch)
 
 
 def taylor(
@@ -142,7 +142,7 @@ def taylor(
   derivative = grad_derivative(loss_fn, params, batch, delta, order - 1)
   scale = 1.0 / math.factorial(order)
   scores = jax.tree.map(lambda d, g: d * g * scale, delta, derivative)
-  return check_finite(scores, f"taylor(order={order})")
+  return check_scores(scores, f"taylor(order={order})", batch)
 
 
 def obd(
@@ -182,7 +182,7 @@ def obd(
       raise ValueError("diag='fisher' needs model_fn(params, batch) -> logits [batch, classes].")
     diagonal = fisher_diagonal(model_fn, params, batch, key, num_probes, output_weights)
   scores = jax.tree.map(lambda d, h: d * d * h / 2, delta, diagonal)
-  return check_finite(scores, f"obd(diag={diag!r})")
+  return check_scores(scores, f"obd(diag={diag!r})", batch)
 
 
 def kron_obd(
@@ -210,7 +210,7 @@ def kron_obd(
   check_score_inputs(loss_fn, params, batch)
   diagonal = kfac.kron_diagonal(kfac.factors(model_fn, params, batch, key, num_samples), params)
   scores = jax.tree.map(lambda d, h: d * d * h / 2, delta, diagonal)
-  return check_finite(scores, "kron_obd")
+  return check_scores(scores, "kron_obd", batch)
 
 
 def kron_obs(
@@ -252,7 +252,7 @@ def kron_obs(
   blocks = kfac.factors(model_fn, params, batch, key, num_samples)
   product = kfac.unit_obs_product(blocks, delta, damping)
   scores = jax.tree.map(lambda d, cd: d * cd / 2, delta, product)
-  return check_finite(scores, "kron_obs")
+  return check_scores(scores, "kron_obs", batch)
 
 
 def magnitude(params: PyTree, *, delta: PyTree | None = None, prunable: Prunable | None = None) -> PyTree:

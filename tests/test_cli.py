@@ -1,13 +1,17 @@
 """The command-line plumbing: workdir claims and locks, clear errors, smoke mode said aloud."""
 
+import errno
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
 
 import ml_collections
 import pytest
 
+from oba_jax import files
 from oba_jax.experiments import cli
 
 
@@ -97,3 +101,133 @@ def test_model_arguments_the_default_does_not_name_are_added_with_their_type():
       "--config.model_kwargs.norm=layer", "--config.steps=3", "--config.other.x=1"])
   assert extended.model_kwargs.to_dict() == {"image_size": 28, "scale": 0.5, "norm": "layer"}
   assert extended.steps == 1 and "other" not in extended  # only open dicts take new keys
+
+
+# --- reliability probes (issue 26) -------------------------------------------------------------
+
+
+def test_a_resume_on_other_inputs_is_refused_naming_them(tmp_path):
+  weights = tmp_path / "model.bin"
+  weights.write_bytes(b"first weights")
+  workdir = str(tmp_path / "run")
+  inputs = lambda: {"weights": files.fingerprint(weights), "text": "built-in sentences"}
+  cli.claim_workdir(workdir, config(), inputs())
+  (tmp_path / "run" / "dense.json").write_text("{}")  # a cached stage
+  cli.claim_workdir(workdir, config(), inputs())  # the same inputs resume
+  weights.write_bytes(b"other weights, same path")
+  with pytest.raises(ValueError, match=r"on other inputs \(weights: .*model.bin \(13 bytes, "
+                     r".*\) then, .*model.bin \(24 bytes.*\) now\).*Use a new --workdir"):
+    cli.claim_workdir(workdir, config(), inputs())
+  weights.write_bytes(b"first weights")
+  with pytest.raises(ValueError, match=r"text: 'built-in sentences' then, 'WordNet' now"):
+    cli.claim_workdir(workdir, config(), {**inputs(), "text": "WordNet"})
+
+
+def test_the_data_and_weights_a_config_names_are_part_of_the_identity(tmp_path):
+  data = tmp_path / "data"
+  data.mkdir()
+  (data / "train.bin").write_bytes(b"12345")
+  workdir = str(tmp_path / "run")
+  cli.claim_workdir(workdir, config(data_dir=str(data)))
+  (tmp_path / "run" / "results.json").write_text("{}")
+  (data / "train.bin").write_bytes(b"123456")  # the data changed under the same setting
+  with pytest.raises(ValueError, match=r"other inputs \(data_dir: "):
+    cli.claim_workdir(workdir, config(data_dir=str(data)))
+
+
+def test_only_the_data_set_of_a_shared_tfds_dir_counts(tmp_path):
+  tfds_dir = tmp_path / "tensorflow_datasets"
+  (tfds_dir / "fashion_mnist").mkdir(parents=True)
+  (tfds_dir / "fashion_mnist" / "train.array_record").write_bytes(b"123")
+  settings = config(data_dir=str(tfds_dir), dataset="fashion_mnist")
+  workdir = str(tmp_path / "run")
+  cli.claim_workdir(workdir, settings)
+  (tmp_path / "run" / "results.json").write_text("{}")
+  (tfds_dir / "cifar10").mkdir()  # another data set prepared there since
+  (tfds_dir / "cifar10" / "train.array_record").write_bytes(b"4567")
+  cli.claim_workdir(workdir, settings)
+  (tfds_dir / "fashion_mnist" / "test.array_record").write_bytes(b"89")
+  with pytest.raises(ValueError, match=r"other inputs \(data_dir: \S+fashion_mnist \(3 bytes"):
+    cli.claim_workdir(workdir, settings)
+
+
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
+  path = tmp_path / "a_file"
+  path.write_text("mine")
+  out = run_cli(f"--workdir={path}", "--config.smoke=True")
+  assert out.returncode == 2, out.stderr
+  assert out.stderr.strip().splitlines() == [
+      f"quickstart.py: ValueError: --workdir={path} is a file, not a directory; give a "
+      "directory (a new one is created)."]
+  assert path.read_text() == "mine"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_outputs_get_the_users_umask(tmp_path, umask):
+  old = os.umask(umask)
+  try:
+    cli.write_json(str(tmp_path / "results.json"), {"a": 1})
+    files.write_atomic(tmp_path / "scores.npz", lambda f: f.write(b"x"))
+  finally:
+    os.umask(old)
+  for name in ("results.json", "scores.npz"):
+    assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~umask
+
+
+def test_a_full_disk_names_the_directory_keeps_the_old_file_and_leaves_no_temporary(
+    tmp_path, monkeypatch):
+  cli.write_json(str(tmp_path / "results.json"), {"old": True})
+
+  def full(fd):  # as a full disk fails a write once the data goes out
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(os, "fsync", full)
+  with pytest.raises(files.DiskFullError, match=f"no space left on the disk holding {tmp_path}"):
+    cli.write_json(str(tmp_path / "results.json"), {"new": True})
+  assert os.listdir(tmp_path) == ["results.json"]
+  assert json.loads((tmp_path / "results.json").read_text()) == {"old": True}
+
+
+def _clis():
+  """Every module of oba_jax.experiments that ends in `cli.main(...)`."""
+  directory = os.path.dirname(cli.__file__)
+  return sorted(name[:-3] for name in os.listdir(directory) if name.endswith(".py")
+                and re.search(r"\n  cli\.main\(", open(os.path.join(directory, name)).read()))
+
+
+def test_every_key_of_every_cli_has_a_description():
+  names = _clis()
+  assert {"quickstart", "oracle", "smollm2_wordnet", "minilm_wordnet"} <= set(names)
+  for name in names:
+    out = subprocess.run([sys.executable, "-m", f"oba_jax.experiments.{name}", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    keys = re.findall(r"^  --config\.([\w.]+)=", out.stdout, re.M)
+    assert keys, out.stdout
+    undescribed = [k for k, line in zip(keys, out.stdout.split("\n  --config.")[1:])
+                   if "(no description)" in line]
+    assert not undescribed, f"{name}: {undescribed}"
+
+
+def test_batch_sizes_the_devices_do_not_divide_are_refused_before_the_claim(tmp_path):
+  from test_estimate import worker_env
+  out = subprocess.run([sys.executable, "-m", "oba_jax.experiments.quickstart",
+                        f"--workdir={tmp_path / 'run'}", "--config.smoke=True",
+                        "--config.progress=False"],
+                       capture_output=True, text=True, timeout=300, env=worker_env(3))
+  assert out.returncode == 2, out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (
+      "quickstart.py: ValueError: batch_size=32, importance_batch_size=16: batches are split "
+      "over the 3 devices, so batch sizes must be multiples of 3; change them, or the number "
+      "of devices (XLA_FLAGS=--xla_force_host_platform_device_count=N on CPU).")
+  assert not os.path.exists(tmp_path / "run")  # not claimed: any rerun may use it
+
+
+def test_temporary_files_of_a_killed_write_are_removed_when_the_workdir_is_claimed(tmp_path):
+  (tmp_path / "scores").mkdir()
+  left = tmp_path / "scores" / ".oba_seed1.npz.4242.0123abcd.tmp"  # a writer killed mid-write
+  left.write_bytes(b"half")
+  mine = tmp_path / "scores" / "notes.tmp"  # not a name the writer gives
+  mine.write_text("keep")
+  cli.claim_workdir(str(tmp_path), config())
+  assert not left.exists() and mine.read_text() == "keep"

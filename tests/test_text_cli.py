@@ -8,7 +8,9 @@ import sys
 import numpy as np
 import pytest
 
+from oba_jax.data import wordnet
 from oba_jax.experiments import minilm_wordnet, smollm2_wordnet
+from oba_jax.files import DamagedFileError
 
 
 def _run(module, workdir, **overrides):
@@ -75,3 +77,144 @@ def test_smoke_run_on_a_2d_mesh_scores_like_one_device(tmp_path):
         # float32 sums in another order: relative to the group's largest score.
         np.testing.assert_allclose(runs["pod"][f][group], one[group], rtol=1e-4,
                                    atol=1e-5 * np.abs(one[group]).max(), err_msg=f"{f} {group}")
+
+
+# --- reliability probes (issue 26) -------------------------------------------------------------
+
+needs_wordnet = pytest.mark.skipif(not wordnet.available(), reason="wordnet-base is not installed")
+
+
+def _no_wordnet(monkeypatch, tmp_path):
+  """Points the WordNet loader at an empty directory, as on a machine without wordnet-base."""
+  monkeypatch.setenv("OBA_WORDNET_DIR", str(tmp_path / "no_wordnet"))
+  assert not wordnet.available()
+
+
+def test_settings_that_need_the_model_are_checked_before_the_workdir_is_claimed(tmp_path):
+  with pytest.raises(ValueError, match=r"max_ratio=1.5: .* in \[0, 1\]"):
+    _run(smollm2_wordnet, tmp_path / "a", max_ratio=1.5)
+  with pytest.raises(ValueError, match=r"calibration_texts='banana': unknown \['banana'\]"):
+    _run(smollm2_wordnet, tmp_path / "b", calibration_texts="banana")
+  for name in "ab":  # nothing written, nothing locked: no config.json to refuse a rerun
+    assert not os.path.exists(tmp_path / name / "config.json")
+  results = _run(smollm2_wordnet, tmp_path / "a", criteria="random")
+  assert len(results["runs"]) == 2  # the corrected rerun
+
+
+@needs_wordnet
+def test_an_unreachable_target_is_refused_before_the_workdir_is_claimed(tmp_path):
+  _tiny_minilm_dir(tmp_path / "model", seed=0)  # smoke mode sets its own targets
+  settings = dict(TINY_MINILM, model_dir=str(tmp_path / "model"))
+  with pytest.raises(ValueError, match=r"KeptParams\(ratio=0.1\) cannot be reached: the "
+                     r"smallest kept params ratio within max_ratio=0.9.* is 0\.\d+"):
+    _run(minilm_wordnet, tmp_path / "run", **{**settings, "targets": "0.9,0.1"})
+  assert not os.path.exists(tmp_path / "run" / "config.json")  # nothing done, nothing claimed
+  assert not os.path.exists(tmp_path / "run" / "dense.json")
+  results = _run(minilm_wordnet, tmp_path / "run", **settings)
+  assert [r["target"] for r in results["runs"]] == [0.9]  # the corrected rerun
+
+
+@pytest.mark.parametrize("mesh", ["", "8x1"])
+def test_batches_the_mesh_does_not_divide_are_refused_before_the_claim(tmp_path, mesh):
+  from test_estimate import worker_env
+  out = subprocess.run(
+      [sys.executable, "-m", "oba_jax.experiments.smollm2_wordnet", f"--workdir={tmp_path}",
+       "--config.smoke=True", "--config.progress=False", f"--config.mesh={mesh}"],
+      env=worker_env(8), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 2, out.stderr
+  assert "ValueError: batch_size=4 gives calibration batches of [4] rows, which the 8 devices" \
+      in out.stderr and "Traceback" not in out.stderr
+  assert not os.path.exists(tmp_path / "config.json")
+
+
+def test_smollm2_smoke_runs_without_wordnet_and_a_damaged_score_file_is_named(
+    tmp_path, monkeypatch):
+  _no_wordnet(monkeypatch, tmp_path)
+  results = _run(smollm2_wordnet, tmp_path / "run", criteria="random,oba")
+  assert results["info"]["eval_sentences"] == 8 and len(results["runs"]) == 4
+  scores_file = tmp_path / "run" / "scores" / "oba_seed1.npz"
+  scores_file.write_bytes(scores_file.read_bytes()[:1000])  # cut short
+  for row in (tmp_path / "run" / "runs").glob("oba_*"):
+    row.unlink()
+  with pytest.raises(DamagedFileError, match=f"{scores_file} \\(cached group scores\\) cannot be "
+                     "read .* delete it to recompute the scores"):
+    _run(smollm2_wordnet, tmp_path / "run", criteria="random,oba")
+
+
+@needs_wordnet
+def test_a_resume_on_other_text_is_refused(tmp_path, monkeypatch):
+  _no_wordnet(monkeypatch, tmp_path)
+  _run(minilm_wordnet, tmp_path / "run", criteria="random")  # on the built-in sentences
+  monkeypatch.delenv("OBA_WORDNET_DIR")  # WordNet installed since
+  with pytest.raises(ValueError, match=r"on other inputs \(text: 'built-in smoke sentences "
+                     r"\(WordNet not installed\)' then, \[.*data.adj \(\d+ bytes.*\] now\)"):
+    _run(minilm_wordnet, tmp_path / "run", criteria="random")
+  with open(tmp_path / "run" / "results.json") as f:
+    assert json.load(f)["info"]["calibration_pairs"] < 100  # untouched
+
+
+# A real (not smoke) MiniLM run, small: a tiny model directory is added as model_dir.
+TINY_MINILM = dict(smoke=False, batch_size=4, max_tokens=16, eval_pairs=16, calibration_batches=1,
+                   calibration_seeds="1", targets="0.9", criteria="random", measure_cost=False)
+
+
+def _tiny_minilm_dir(directory, seed):
+  """A Hugging Face BERT directory of a tiny random model with a WordPiece tokenizer."""
+  tokenizers = pytest.importorskip("tokenizers")
+  from flax import nnx
+  from test_transformer_weights import BERT, _bert_state_dict, _write_bert
+  from oba_jax.models import Bert
+  _write_bert(directory, _bert_state_dict(Bert(**BERT, rngs=nnx.Rngs(seed))))
+  words = ["[PAD]", "[UNK]", "a", "the", "of", "to", "an", "or", "and", "in", "is", "that"]
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.WordPiece(
+      {w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+  tokenizer.normalizer = tokenizers.normalizers.Lowercase()
+  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tokenizer.save(str(directory / "tokenizer.json"))
+
+
+@needs_wordnet
+def test_a_resume_on_replaced_weights_is_refused(tmp_path):
+  model_dir = tmp_path / "model"
+  _tiny_minilm_dir(model_dir, seed=0)
+  settings = dict(TINY_MINILM, model_dir=str(model_dir))
+  first = _run(minilm_wordnet, tmp_path / "run", **settings)
+  _tiny_minilm_dir(model_dir, seed=1)  # another model at the same path
+  with pytest.raises(ValueError, match=r"on other inputs \(weights model.safetensors: "
+                     r"\S+model.safetensors \(\d+ bytes, \w+\) then, \S+ \(\d+ bytes, \w+\) now"):
+    _run(minilm_wordnet, tmp_path / "run", **settings)
+  with open(tmp_path / "run" / "dense.json") as f:
+    assert json.load(f)["recall_at_1"] == first["dense"]["recall_at_1"]  # untouched
+
+
+def _mount_tmpfs(path, size):
+  if os.geteuid() != 0:
+    pytest.skip("mounting a small tmpfs needs root")
+  path.mkdir(exist_ok=True)
+  done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                        capture_output=True)
+  if done.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+
+
+def test_a_full_disk_is_one_paragraph_naming_the_workdir_and_the_rerun_finishes(tmp_path):
+  disk = tmp_path / "disk"
+  _mount_tmpfs(disk, "48k")
+  try:
+    command = [sys.executable, "-m", "oba_jax.experiments.smollm2_wordnet",
+               f"--workdir={disk / 'run'}", "--config.smoke=True", "--config.progress=False",
+               "--config.criteria=random,oba"]
+    full = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert full.returncode == 2, full.stderr
+    assert full.stderr.strip().startswith(
+        "smollm2_wordnet.py: DiskFullError: [Errno 28] no space left on the disk holding "
+        f"{disk / 'run'}") and "Traceback" not in full.stderr, full.stderr
+    left = [os.path.join(d, f) for d, _, names in os.walk(disk) for f in names]
+    assert not [f for f in left if f.endswith(".tmp")], left
+    subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    with open(disk / "run" / "results.json") as f:
+      assert len(json.load(f)["runs"]) == 4
+  finally:
+    subprocess.run(["umount", str(disk)], check=False)

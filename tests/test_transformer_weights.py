@@ -3,6 +3,7 @@
 real models' known outputs."""
 
 import json
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +13,7 @@ from flax import nnx
 
 from oba_jax.models import Bert, Llama
 from oba_jax.weights import bert_safetensors, llama_gguf
+from oba_jax.files import DamagedFileError
 from oba_jax.weights.fill import ArchitectureError
 
 LLAMA = dict(vocab_size=10, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=12,
@@ -21,14 +23,15 @@ TOKENS = ["h", "e", "l", "o", "he", "ll", "hell", "hello", "Ġ", "<|endoftext|>"
 MERGES = ["h e", "l l", "he ll", "hell o"]
 
 
-def _write_gguf(path, model: Llama, *, arch="llama", tied=True, quantize_embedding=False):
+def _write_gguf(path, model: Llama, *, arch="llama", tied=True, quantize_embedding=False,
+                num_heads=LLAMA["num_heads"]):
   gguf = pytest.importorskip("gguf")
   writer = gguf.GGUFWriter(str(path), arch)
   writer.add_block_count(LLAMA["num_layers"])
   writer.add_context_length(64)
   writer.add_embedding_length(LLAMA["d_model"])
   writer.add_feed_forward_length(LLAMA["ffn_dim"])
-  writer.add_head_count(LLAMA["num_heads"])
+  writer.add_head_count(num_heads)
   writer.add_head_count_kv(LLAMA["num_kv_heads"])
   writer.add_rope_freq_base(LLAMA["rope_theta"])
   writer.add_layer_norm_rms_eps(LLAMA["norm_eps"])
@@ -85,6 +88,39 @@ def test_gguf_errors_name_the_problem(tmp_path):
     llama_gguf.load_llama(path)
   with pytest.raises(FileNotFoundError):
     llama_gguf.load_llama(tmp_path / "absent.gguf")
+
+
+def _one_paragraph_naming(path, error):
+  message = str(error.value)
+  assert str(path) in message and "\n" not in message and len(message) < 600, message
+
+
+def test_damaged_gguf_files_are_named_in_one_paragraph(tmp_path):
+  model = Llama(**LLAMA, rngs=nnx.Rngs(0))
+  _write_gguf(tmp_path / "ok.gguf", model)
+  data = (tmp_path / "ok.gguf").read_bytes()
+  damaged = {"half": data[:len(data) // 2], "header": data[:3000], "end": data[:-100],
+             "magic": b"XXXX" + data[4:]}
+  for name, content in damaged.items():
+    path = tmp_path / f"{name}.gguf"
+    path.write_bytes(content)
+    with pytest.raises(DamagedFileError, match="cannot be read") as error:
+      llama_gguf.load_llama(path)
+    _one_paragraph_naming(path, error)
+  _write_gguf(tmp_path / "heads0.gguf", model, num_heads=0)
+  with pytest.raises(ArchitectureError, match="head_count = 0 is not a positive int") as error:
+    llama_gguf.load_llama(tmp_path / "heads0.gguf")
+  _one_paragraph_naming(tmp_path / "heads0.gguf", error)
+
+
+def test_non_finite_weights_are_refused_by_tensor(tmp_path):
+  model = Llama(**LLAMA, rngs=nnx.Rngs(0))
+  kernel = np.asarray(model.layers[1].mlp.up_proj.kernel[...]).copy()
+  kernel[0, 0] = np.nan
+  model.layers[1].mlp.up_proj.kernel[...] = kernel
+  _write_gguf(tmp_path / "nan.gguf", model)
+  with pytest.raises(DamagedFileError, match=r"blk\.1\.ffn_up\.weight holds 1 NaN or Inf"):
+    llama_gguf.load_llama(tmp_path / "nan.gguf")
 
 
 def test_gguf_tokenizer_byte_level_bpe(tmp_path):
@@ -155,6 +191,54 @@ def test_bert_errors_name_the_problem(tmp_path):
     bert_safetensors.load_bert(tmp_path / "wider")
   with pytest.raises(FileNotFoundError, match="config.json"):
     bert_safetensors.load_bert(tmp_path / "absent")
+
+
+def test_damaged_bert_files_are_named_in_one_paragraph(tmp_path):
+  state = _bert_state_dict(Bert(**BERT, rngs=nnx.Rngs(5)))
+  _write_bert(tmp_path / "cut", state)
+  weights = tmp_path / "cut" / "model.safetensors"
+  weights.write_bytes(weights.read_bytes()[:2000])
+  with pytest.raises(DamagedFileError, match="cannot be read") as error:
+    bert_safetensors.load_bert(tmp_path / "cut")
+  _one_paragraph_naming(weights, error)
+  _write_bert(tmp_path / "novocab", state)
+  config = json.loads((tmp_path / "novocab" / "config.json").read_text())
+  del config["vocab_size"]
+  (tmp_path / "novocab" / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ArchitectureError, match=r"vocab_size is None \(absent\)") as error:
+    bert_safetensors.load_bert(tmp_path / "novocab")
+  _one_paragraph_naming(tmp_path / "novocab" / "config.json", error)
+  _write_bert(tmp_path / "badjson", state)
+  (tmp_path / "badjson" / "config.json").write_text('{"model_type": "be')
+  with pytest.raises(DamagedFileError) as error:
+    bert_safetensors.load_bert(tmp_path / "badjson")
+  _one_paragraph_naming(tmp_path / "badjson" / "config.json", error)
+  tokenizers = pytest.importorskip("tokenizers")
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.WordPiece({"[UNK]": 0, "a": 1},
+                                                               unk_token="[UNK]"))
+  path = tmp_path / "badjson" / "tokenizer.json"
+  tokenizer.save(str(path))
+  path.write_text(path.read_text()[:100])
+  with pytest.raises(DamagedFileError) as error:
+    bert_safetensors.bert_tokenizer(tmp_path / "badjson")
+  _one_paragraph_naming(path, error)
+
+
+def test_a_float16_checkpoint_is_said_aloud_and_loads_as_float32_on_request(tmp_path):
+  model = Bert(**BERT, rngs=nnx.Rngs(5))
+  state = {k: v.astype(np.float16) if v.dtype == np.float32 else v
+           for k, v in _bert_state_dict(model).items()}
+  _write_bert(tmp_path / "half", state)
+  with pytest.warns(UserWarning, match="holds float16 weights; the model is loaded in float16"):
+    half, _ = bert_safetensors.load_bert(tmp_path / "half")
+  assert half.layers[0].intermediate.kernel[...].dtype == jnp.float16
+  with pytest.warns(UserWarning, match="holds float16 weights; loaded as float32"):
+    full, _ = bert_safetensors.load_bert(tmp_path / "half", dtype=jnp.float32)
+  assert full.layers[0].intermediate.kernel[...].dtype == jnp.float32
+  _write_bert(tmp_path / "single", _bert_state_dict(model))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # float32 files load without a word
+    bert_safetensors.load_bert(tmp_path / "single")
 
 
 # --- the real models (skipped when the wheels or packages are absent) ---

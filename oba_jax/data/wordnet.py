@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
+from oba_jax import files
+
 DEFAULT_DIRECTORY = "/usr/share/wordnet"
 PARTS_OF_SPEECH = ("noun", "verb", "adj", "adv")
 _QUOTED = re.compile(r'"([^"]*)"')
@@ -67,6 +69,13 @@ def available(directory: str | os.PathLike | None = None) -> bool:
   return True
 
 
+def fingerprint(directory: str | os.PathLike | None = None) -> dict[str, dict]:
+  """{"data.noun": `files.fingerprint`, ...} of the files `read` reads (a run's identity)."""
+  directory = directory_or_default(directory)
+  return {f"data.{p}": files.fingerprint(os.path.join(directory, f"data.{p}"))
+          for p in PARTS_OF_SPEECH}
+
+
 def parse_line(line: str) -> Synset | None:
   """The synset of one `data.*` line, or None for the licence header and glossless lines."""
   if line.startswith(" ") or " | " not in line:
@@ -92,8 +101,18 @@ def read(directory: str | os.PathLike | None = None,
     raise ValueError(f"parts_of_speech {unknown} unknown; accepted: {list(PARTS_OF_SPEECH)}.")
   synsets = []
   for pos in parts_of_speech:
-    with open(os.path.join(directory, f"data.{pos}"), encoding="utf-8", errors="replace") as f:
-      synsets.extend(s for s in map(parse_line, f) if s is not None)
+    path = os.path.join(directory, f"data.{pos}")
+    with open(path, encoding="utf-8", errors="replace") as f:
+      for number, line in enumerate(f, start=1):
+        try:
+          synset = parse_line(line)
+        except (ValueError, IndexError) as error:
+          raise files.damaged(path, "a WordNet data file", f"line {number}: {line[:60]!r}, "
+                              f"{type(error).__name__}: {error}", "Reinstall it (apt-get "
+                              "install --reinstall wordnet-base), or set OBA_WORDNET_DIR to "
+                              "an intact copy.") from None
+        if synset is not None:
+          synsets.append(synset)
   return sorted(synsets, key=lambda s: s.id)
 
 

@@ -9,9 +9,11 @@ and `run(config, workdir)`, and ends with `cli.main(get_config, run)`:
 one-line description the module gives in its `HELP` dict (`usage`). Smoke runs
 given no data run on generated data (`data_format`).
 
-A work directory belongs to one configuration: `claim_workdir` records it and
-refuses, before any work and without touching a file, a directory that holds a
-run of another configuration. Results are written atomically.
+A work directory belongs to one configuration and the inputs it read:
+`claim_workdir` records both (config.json, inputs.json: fingerprints of the weight files
+and data, `files.fingerprint`) and refuses, before any work and without touching a file,
+a directory that holds a run of another configuration or of other inputs, so that cached
+stages never mix with new ones. Results are written atomically with the user's umask.
 """
 
 import ast
@@ -20,22 +22,24 @@ import fcntl
 import json
 import os
 import sys
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from oba_jax import data
-
+from oba_jax import data, files
 from oba_jax.runtime import enable_compilation_cache, keep_optimization_barriers
 
 CONFIG_FILE = "config.json"
+INPUTS_FILE = "inputs.json"
 LOCK_FILE = ".lock"
 # Keys that do not change what a run computes, so a rerun may change them.
 RUNTIME_KEYS = frozenset({"progress", "log_every", "timing_seconds"})
+# Settings naming what a run reads: their fingerprints are part of the workdir's identity.
+PATH_KEYS = ("data_dir", "init.weights", "init.checkpoint", "gguf", "model_dir")
 # Config dicts that take any key: model constructor arguments (`models.create`).
 OPEN_KEYS = ("model_kwargs", "smoke_model_kwargs")
 HELP_FLAGS = ("--help", "-h", "--helpshort", "-?")
@@ -72,53 +76,126 @@ def check_names(key: str, text: str, accepted) -> list[str]:
 
 
 def write_json(path: str, value: Any) -> None:
-  """Writes JSON atomically (a temporary file renamed into place)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-    json.dump(value, f, indent=1, sort_keys=True, default=str)
-  os.replace(f.name, path)
+  """Writes JSON atomically (`files.write_atomic`: whole or not at all, the user's umask)."""
+  text = json.dumps(value, indent=1, sort_keys=True, default=str)
+  files.write_atomic(path, lambda f: f.write(text.encode()))
 
 
-def claim_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Records `config` in `workdir` and locks it for this process, or raises saying why not.
+def start_run(workdir: str, config: ml_collections.ConfigDict,
+              smoke: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict],
+              batch_sizes: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+  """The config to run (`smoke(config)` in smoke mode), once its `batch_sizes` (dotted keys)
+  are checked against the devices and `workdir` is claimed for `config` as given."""
+  run_config = smoke(config) if config.get("smoke") else config
+  check_batch_sizes(run_config, batch_sizes)
+  claim_workdir(workdir, config)
+  return run_config
 
-  Refused, before anything is written: a workdir that is not writable, one that
-  another run holds (a lock for this process's lifetime), and one that holds a
-  checkpoint or a result of another configuration. A workdir whose recorded
-  configuration never produced a checkpoint or a result (a run that failed on a
-  bad setting or missing data) is taken over by the new configuration.
+
+def check_batch_sizes(config: ml_collections.ConfigDict, keys: tuple[str, ...]) -> None:
+  """Raises a ValueError naming the batch-size settings (dotted `keys`) that this process's
+  devices do not divide: every batch is split over them (`estimate.shard_batch`)."""
+  devices = jax.local_device_count()
+  flat = dict(_flat_items(config.to_dict()))
+  bad = [f"{key}={flat[key]}" for key in keys if flat[key] % devices]
+  if bad:
+    raise ValueError(f"{', '.join(bad)}: batches are split over the {devices} devices, so "
+                     f"batch sizes must be multiples of {devices}; change them, or the "
+                     "number of devices (XLA_FLAGS=--xla_force_host_platform_device_count=N "
+                     "on CPU).")
+
+
+def claim_workdir(workdir: str, config: ml_collections.ConfigDict,
+                  inputs: Mapping[str, Any] | None = None) -> None:
+  """Records `config` and `inputs` in `workdir` and locks it for this process, or raises
+  saying why not.
+
+  `inputs` are {name: what the run read}, JSON-able: a `files.fingerprint` of each weight
+  file and data source (or a description, such as "generated data"). Every setting must
+  have been checked before (nothing the run can still refuse may come after the claim).
+  Refused, before anything is written: a workdir that is a file or not writable, one that
+  another run holds (a lock for this process's lifetime), and one that holds a checkpoint
+  or a result of another configuration or of other inputs. A workdir whose recorded
+  configuration never produced a checkpoint or a result (a run that failed on a bad
+  setting or missing data) is taken over.
   """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir} is a file, not a directory; give a directory (a "
+                     "new one is created).")
   os.makedirs(workdir, exist_ok=True)
   if not os.access(workdir, os.W_OK):
     raise PermissionError(f"workdir {workdir!r} is not writable; a run writes its checkpoints "
                           "and results there. Use another --workdir, or copy this one.")
   _lock(workdir)
+  files.remove_leftovers(workdir)  # of killed writes; the lock makes them no one else's
   wanted = _comparable(config.to_dict())
-  path = os.path.join(workdir, CONFIG_FILE)
+  inputs = json.loads(json.dumps({**path_inputs(config), **(inputs or {})}, default=str))
+  path, inputs_path = os.path.join(workdir, CONFIG_FILE), os.path.join(workdir, INPUTS_FILE)
   if os.path.exists(path):
     found = _comparable(read_json(path, what="the workdir's recorded configuration"))
-    if found == wanted:
+    recorded = (read_json(inputs_path, what="fingerprints of the inputs the workdir's run "
+                          "read") if os.path.exists(inputs_path) else inputs)
+    changed = sorted(k for k in set(recorded) | set(inputs) if recorded.get(k) != inputs.get(k))
+    if found == wanted and not changed:
+      write_json(inputs_path, inputs)
       return
     differing = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
-    if _holds_work(workdir):
+    if _holds_work(workdir) and differing:
       raise ValueError(
           f"workdir {workdir!r} holds a run of another configuration (differs in "
           f"{differing[:6]}); use a new --workdir, or the same config to resume. Nothing was "
           "changed.")
-    print(f"workdir {workdir}: its earlier configuration produced nothing (differs in "
-          f"{differing[:6]}); this run takes it over.")
+    if _holds_work(workdir):
+      said = "; ".join(_change(k, recorded.get(k), inputs.get(k)) for k in changed[:4])
+      raise ValueError(
+          f"workdir {workdir!r} holds a run of this configuration on other inputs ({said}); "
+          "its cached stages would mix with results of the new inputs. Use a new --workdir, "
+          f"or delete {workdir} to start over. Nothing was changed.")
+    print(f"workdir {workdir}: its earlier run produced nothing (differs in "
+          f"{(differing + changed)[:6]}); this run takes it over.")
+  write_json(inputs_path, inputs)
   write_json(path, config.to_dict())
+
+
+def path_inputs(config: ml_collections.ConfigDict) -> dict[str, dict]:
+  """{key: `files.fingerprint`} of the files and directories the config's `PATH_KEYS` name
+  (the data, initial weights or checkpoint a run reads), for those that are set. A TFDS
+  `data_dir` holding a folder named after the config's `dataset` counts by that folder only
+  (other data sets prepared there later do not change what this run read)."""
+  flat = dict(_flat_items(config.to_dict()))
+  paths = {key: flat[key] for key in PATH_KEYS if flat.get(key) and os.path.exists(flat[key])}
+  own = os.path.join(paths.get("data_dir", ""), str(flat.get("dataset")))
+  if "data_dir" in paths and flat.get("dataset") and os.path.isdir(own):
+    paths["data_dir"] = own
+  return {key: files.fingerprint(path) for key, path in paths.items()}
+
+
+def _change(name: str, before: Any, now: Any) -> str:
+  """'<name>: <before> then, <now> now', down to the files that differ in groups of them."""
+  if isinstance(before, dict) and isinstance(now, dict) and "path" not in before | now:
+    keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    return "; ".join(_change(f"{name} {k}", before.get(k), now.get(k)) for k in keys[:3])
+  return f"{name}: {_short(before)} then, {_short(now)} now"
+
+
+def _short(value: Any) -> str:
+  """An input's fingerprint in a few words: its path, size and the start of its digest."""
+  if not isinstance(value, dict):
+    return repr(value)
+  if "path" not in value:  # a group of fingerprints, e.g. the files of a model directory
+    return "[" + ", ".join(_short(v) for v in value.values()) + "]"
+  digest = value.get("sha256") or value.get("names_and_sizes") or ""
+  return f"{value.get('path')} ({value.get('size')} bytes, {digest[:12]})"
 
 
 def read_json(path: str, *, what: str = "this file") -> Any:
   """The JSON in `path`, or a ValueError naming the file when it is not JSON."""
   try:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
       return json.load(f)
-  except json.JSONDecodeError as error:
-    raise ValueError(f"{path} ({what}) is not valid JSON ({error}); it was damaged. Delete it "
-                     "to recompute what it held.") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise files.DamagedFileError(f"{path} ({what}) is not valid JSON ({error}); it was "
+                                 "damaged. Delete it to recompute what it held.") from None
 
 
 _LOCKS: dict[str, Any] = {}  # workdir -> its open lock file, held until the process ends
@@ -147,11 +224,11 @@ def _lock(workdir: str) -> None:
 
 def _holds_work(workdir: str) -> bool:
   """Whether `workdir` holds a checkpoint step or a JSON result besides the config."""
-  for directory, subdirectories, files in os.walk(workdir):
+  for directory, subdirectories, names in os.walk(workdir):
     if os.path.basename(directory) == "checkpoints" and any(d.isdigit() for d in subdirectories):
       return True
-    if any(f.endswith(".json") for f in files if os.path.join(directory, f) != os.path.join(
-        workdir, CONFIG_FILE)):
+    own = (os.path.join(workdir, CONFIG_FILE), os.path.join(workdir, INPUTS_FILE))
+    if any(f.endswith(".json") and os.path.join(directory, f) not in own for f in names):
       return True
   return False
 
@@ -282,8 +359,9 @@ def main(get_config: Callable[[], ml_collections.ConfigDict],
 
   Mistakes end in one clear paragraph, not a traceback: an unknown --config key
   (with the closest valid one), a value of the wrong type, and the ValueError,
-  FileNotFoundError, PermissionError, RuntimeError or FloatingPointError that
-  `run` raises for bad settings, missing data or a diverged run. Set
+  FileNotFoundError, PermissionError, RuntimeError, FloatingPointError or other OSError
+  that `run` raises for bad settings, missing or damaged files, a diverged run or a full
+  disk (named with the workdir). Set
   OBA_JAX_TRACEBACK=1 to see the traceback as well.
   """
   if any(arg in HELP_FLAGS for arg in sys.argv[1:]):
@@ -303,10 +381,14 @@ def main(get_config: Callable[[], ml_collections.ConfigDict],
     enable_compilation_cache()
     try:
       run(flags.FLAGS.config, flags.FLAGS.workdir)
-    except (ValueError, FileNotFoundError, PermissionError, RuntimeError,
-            FloatingPointError) as error:
+    except (ValueError, RuntimeError, FloatingPointError, OSError) as error:
       if os.environ.get("OBA_JAX_TRACEBACK"):
         raise
+      if (getattr(error, "errno", None) in files.FULL_DISK
+          and not isinstance(error, files.DiskFullError)):
+        error = files.DiskFullError(error.errno, f"no space left on the disk holding the "
+                                    f"workdir {flags.FLAGS.workdir} ({error}). Free some space "
+                                    "and run the same command again; it resumes")
       _fail(f"{type(error).__name__}: {error}")
 
   app.run(_main)

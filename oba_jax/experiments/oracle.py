@@ -130,9 +130,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for name in cli.names(config.models):
     models.check(name, width=config.width, in_channels=info.image_shape[-1],
                  num_classes=info.num_classes)
-  cli.claim_workdir(workdir, config)
-  if config.smoke:
-    config = _smoke(config)
+  config = cli.start_run(workdir, config, _smoke, ("batch_size", "dense.batch_size"))
   count = config.held_out_batches * config.batch_size
   held_out = list(data.load(config.dataset, f"{config.held_out_split}[:{count}]",
                             batch_size=config.batch_size, train=False, **where))

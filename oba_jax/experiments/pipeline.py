@@ -89,15 +89,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
+# Settings whose batches are split over the devices (checked before the workdir is claimed).
+BATCH_SIZES = ("dense.batch_size", "finetune.batch_size", "prune.importance_batch_size")
+
+
 def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = time.perf_counter()
   check_config(config)
   where = dict(data_dir=config.data_dir, data_format=cli.data_format(config))
   info = cli.open_data(lambda: data.dataset_info(config.dataset, config.train_split, **where))
   _check_run(config, info)
-  cli.claim_workdir(workdir, config)
-  if config.smoke:
-    config = smoke_config(config)
+  config = cli.start_run(workdir, config, smoke_config, BATCH_SIZES)
   stream = lambda seed, batch_size, **kw: data.load(
       config.dataset, config.train_split, batch_size=batch_size, train=True, seed=seed,
       **where, **kw)

@@ -123,9 +123,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   info = cli.open_data(lambda: data.dataset_info(config.dataset, "train", **where))
   models.check(config.model, width=config.width, in_channels=info.image_shape[-1],
                num_classes=info.num_classes)
-  cli.claim_workdir(workdir, config)
-  if config.smoke:
-    config = _smoke(config)
+  config = cli.start_run(workdir, config, _smoke, ("batch_size", "importance_batch_size"))
   recipes = _recipes(config)
   stream = lambda seed, **kw: data.load(config.dataset, "train", train=True, seed=seed,
                                         **where, **kw)

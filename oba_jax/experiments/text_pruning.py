@@ -37,9 +37,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from oba_jax import criteria, estimate, masks, plan, structure, surgery
+from oba_jax import criteria, estimate, files, masks, plan, structure, surgery
 from oba_jax.data import wordnet
-from oba_jax.experiments import cli
+from oba_jax.experiments import cli, text_report
 from oba_jax.functional import Objective, functional
 
 PyTree = Any
@@ -58,6 +58,8 @@ class Task:
     evaluate: `evaluate(model) -> {metric: value}` on the held-out split.
     metric: the metric plotted; `higher_is_better` says which way is good.
     info: anything to record in results.json (model facts, data sizes).
+    inputs: {name: `files.fingerprint` or description} of the weights and text read, the
+      workdir's identity besides the config (`cli.claim_workdir`).
   """
 
   model: nnx.Module
@@ -69,6 +71,38 @@ class Task:
   metric: str
   higher_is_better: bool
   info: dict
+  inputs: dict
+
+
+# --help descriptions of the settings every text CLI shares (`cli.usage`).
+COMMON_HELP = {
+    "criteria": "comma-separated importance criteria to compare, each scored and pruned on its "
+                f"own; accepted: {','.join(sorted(criteria.CRITERIA))}",
+    "calibration_seeds": "comma-separated seeds; each picks and orders its own calibration "
+                         "batches and gives one run per criterion and target",
+    "calibration_batches": "batches whose per-parameter scores are averaged per criterion and "
+                           "seed",
+    "targets": "comma-separated kept fractions of the dense parameter count, each in (0, 1] and "
+               "reachable within max_ratio",
+    "prune": "which groups may be pruned: all, attention (heads and head features) or mlp "
+             "(feed-forward units)",
+    "reduction": "how per-parameter scores become one score per group member: one of "
+                 f"{'|'.join(structure.REDUCTIONS)}",
+    "max_ratio": "at most this fraction of any group is removed, in [0, 1]",
+    "split_seed": "seed of the split of WordNet synsets into calibration and held-out parts "
+                  "(independent of the calibration seeds)",
+    "held_out": "fraction of WordNet synsets held out for evaluation, in (0, 1)",
+    "measure_cost": "time each criterion's scoring step in units of one gradient, and its "
+                    "memory (costs.json)",
+    "mesh": "devices as DATAxMODEL, e.g. 2x4: batches split over DATA, every parameter over "
+            "MODEL (FSDP-style); empty: all devices on DATA. DATA must divide batch_size",
+    "eval_compacted": "evaluate the compacted model itself (one compilation per plan) instead "
+                      "of the masked one, which it equals",
+    "batch_size": "examples per calibration batch",
+    "max_tokens": "tokens per text: longer ones are truncated, shorter ones padded",
+    "smoke": "a tiny run: a tiny random model on UTF-8 bytes (no download), WordNet if "
+             "installed (a few built-in sentences otherwise), a few small batches",
+}
 
 
 def add_common_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -115,6 +149,9 @@ def check_common(config: ml_collections.ConfigDict) -> dict:
     raise ValueError(f"reduction={config.reduction!r}; accepted: {structure.REDUCTIONS}.")
   if config.calibration_batches < 1:
     raise ValueError(f"calibration_batches={config.calibration_batches} must be >= 1.")
+  if not 0 <= config.max_ratio <= 1:
+    raise ValueError(f"max_ratio={config.max_ratio!r}: the largest fraction of a group that "
+                     "may go, a number in [0, 1].")
   return dict(criteria=names, seeds=seeds, targets=sorted(targets, reverse=True),
               mesh=parse_mesh(config.mesh))
 
@@ -134,14 +171,19 @@ def parse_mesh(text: str) -> tuple[int, int] | None:
   return data, model
 
 def start(config: ml_collections.ConfigDict, workdir: str,
-          smoke: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict], *,
+          smoke: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict],
+          build_task: Callable[[ml_collections.ConfigDict], "Task"], *,
           independent_examples: bool = True):
-  """The checks every text CLI makes before it claims `workdir`, the claim, smoke mode.
+  """Checks every setting, builds the task, checks what needs the model, then claims `workdir`.
 
-  `independent_examples=False` (an in-batch contrastive loss) refuses the
-  criteria that run the model one example at a time (the Fisher diagonal).
-  Returns the config to run (smoke-sized with `smoke` when `config.smoke`) and its
-  `check_common` result.
+  Nothing a run can still refuse comes after the claim: the lists (`check_common`), the
+  task (model, tokenizer and text; a damaged file is named), the targets the caps can
+  reach (`plan.select` on the traced model), and batches the mesh's data axis divides.
+  `independent_examples=False` (an in-batch contrastive loss) refuses the criteria that
+  run the model one example at a time (the Fisher diagonal). The claim records the task's
+  inputs, so a resume on other weights or text is refused.
+  Returns the config to run (smoke-sized with `smoke` when `config.smoke`), its
+  `check_common` result, the task and its traced structure.
   """
   parsed = check_common(config)
   per_example = [n for n in parsed["criteria"] if criteria.CRITERIA[n].per_example]
@@ -152,11 +194,36 @@ def start(config: ml_collections.ConfigDict, workdir: str,
         f"accepted: {sorted(n for n, c in criteria.CRITERIA.items() if not c.per_example)}.")
   if not config.smoke and not wordnet.available():
     wordnet.directory_or_default()  # raises, saying how to install it
-  cli.claim_workdir(workdir, config)
+  claimed = config
   if config.smoke:
     config = smoke(config)
     parsed = check_common(config)
-  return config, parsed
+  task = build_task(config)
+  traced = check_task(task, config, parsed)
+  cli.claim_workdir(workdir, claimed, inputs=task.inputs)
+  return config, parsed, task, traced
+
+
+def check_task(task: "Task", config: ml_collections.ConfigDict, parsed: dict):
+  """The traced structure of `task.model`, or a ValueError for a target the caps make
+  unreachable or calibration batches the data axis of the mesh does not divide."""
+  traced = structure.trace(task.model, *task.example_inputs, ignore=task.ignore)
+  zeros = {g.name: np.zeros(g.size) for g in traced.groups}
+  try:
+    plan.select(traced, zeros, target=plan.KeptParams(min(parsed["targets"])),
+                max_ratio=config.max_ratio)
+  except ValueError as error:
+    raise ValueError(f"targets={config.targets!r}: {error}") from None
+  devices = parsed["mesh"][0] if parsed["mesh"] else jax.device_count()
+  batch = task.calibration(parsed["seeds"][0])[0]
+  rows = {np.shape(x)[0] for x in jax.tree.leaves(batch)}
+  if any(r % devices for r in rows):
+    raise ValueError(
+        f"batch_size={config.batch_size} gives calibration batches of {sorted(rows)} rows, "
+        f"which the {devices} devices of the mesh's data axis (mesh={config.mesh!r}, "
+        f"{jax.device_count()} devices) do not divide; choose a batch_size that is a multiple "
+        f"of {devices}, or a --config.mesh=DATAxMODEL whose DATA divides it.")
+  return traced
 
 
 _SMOKE_SENTENCES = [
@@ -168,15 +235,17 @@ _SMOKE_SENTENCES = [
 
 
 def wordnet_parts(config: ml_collections.ConfigDict):
-  """(calibration, held-out) synsets of WordNet split by `config.split_seed`; in smoke mode
-  without WordNet installed, a few built-in sentences stand in for it."""
+  """(calibration, held-out) synsets of WordNet split by `config.split_seed`, and what was
+  read (`wordnet.fingerprint`, for the workdir's identity); in smoke mode without WordNet
+  installed, a few built-in sentences stand in for it (as nouns: any `eval_pos` with 'n')."""
   if wordnet.available() or not config.smoke:
-    synsets = wordnet.read()
+    synsets, source = wordnet.read(), wordnet.fingerprint()
   else:
-    synsets = [wordnet.Synset(f"x{i:08d}", ("word",), s.lower().rstrip("."), (s,))
+    synsets = [wordnet.Synset(f"n{i:08d}", ("word",), s.lower().rstrip("."), (s,))
                for i, s in enumerate(_SMOKE_SENTENCES * 4)]
+    source = "built-in smoke sentences (WordNet not installed)"
   held_out = config.held_out if len(synsets) > 100 else 0.5
-  return wordnet.split(synsets, held_out=held_out, split_seed=config.split_seed)
+  return (*wordnet.split(synsets, held_out=held_out, split_seed=config.split_seed), source)
 
 
 def prune_ignore(prune: str, num_layers: int, attention: str, mlp: Sequence[str]) -> tuple:
@@ -193,13 +262,17 @@ def _score_fn(name: str, objective: Objective):
 
 
 def _group_scores_cached(path, compute) -> dict[str, np.ndarray]:
+  """The group scores cached in `path`, else `compute()`'s, written there atomically."""
   if os.path.exists(path):
-    with np.load(path) as f:
-      return {k: f[k] for k in f.files}
+    try:
+      with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+    except Exception as error:  # zipfile, zlib, EOF and format errors of numpy
+      raise files.damaged(path, "cached group scores", error,
+                          "It was cut short or overwritten; delete it to recompute the "
+                          "scores.") from None
   value = compute()
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **value)
-  os.replace(tmp, path)
+  files.write_atomic(path, lambda f: np.savez(f, **value))
   return value
 
 
@@ -243,13 +316,15 @@ def _cost(step, grad, params, batch) -> dict:
   return out
 
 
-def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed: dict) -> dict:
-  """The pipeline of the module docstring; returns what results.json holds."""
+def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed: dict,
+             traced) -> dict:
+  """The pipeline of the module docstring on the claimed `workdir` (`start`); returns what
+  results.json holds."""
   os.makedirs(os.path.join(workdir, "scores"), exist_ok=True)
   os.makedirs(os.path.join(workdir, "runs"), exist_ok=True)
   dense_path = os.path.join(workdir, "dense.json")
   if os.path.exists(dense_path):
-    dense = cli.read_json(dense_path)
+    dense = cli.read_json(dense_path, what="the cached dense evaluation")
   else:
     start = time.perf_counter()
     dense = task.evaluate(task.model)
@@ -257,7 +332,6 @@ def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed
     cli.write_json(dense_path, dense)
   print(f"dense: {dense}")
 
-  traced = structure.trace(task.model, *task.example_inputs, ignore=task.ignore)
   apply_fn, params = functional(task.model)
   objective = task.objective(apply_fn)
   dense_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
@@ -267,7 +341,8 @@ def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed
   else:
     mesh = estimate.data_mesh()
   costs_path = os.path.join(workdir, "costs.json")
-  costs = cli.read_json(costs_path) if os.path.exists(costs_path) else {}
+  costs = (cli.read_json(costs_path, what="the cached costs of the criteria")
+           if os.path.exists(costs_path) else {})
 
   rows = []
   for seed in parsed["seeds"]:
@@ -301,7 +376,7 @@ def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed
       for target in parsed["targets"]:
         run_path = os.path.join(workdir, "runs", f"{name}_seed{seed}_{target:g}.json")
         if os.path.exists(run_path):
-          row = cli.read_json(run_path)
+          row = cli.read_json(run_path, what="a cached pruned evaluation")
         else:
           row = _prune_and_evaluate(task, traced, group_vectors, target, config, dense_params)
           row.update(criterion=name, seed=seed, target=target, scoring_seconds=seconds)
@@ -314,8 +389,8 @@ def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed
              "info": task.info, "metric": task.metric, "dense_params": dense_params,
              "groups": {g.name: g.size for g in traced.groups}}
   cli.write_json(os.path.join(workdir, "results.json"), results)
-  plot(results, os.path.join(workdir, f"{task.metric}.png"))
-  print(table(results))
+  text_report.plot(results, os.path.join(workdir, f"{task.metric}.png"))
+  print(text_report.table(results))
   print(f"\nwrote {os.path.join(workdir, 'results.json')}")
   return results
 
@@ -337,47 +412,3 @@ def _prune_and_evaluate(task: Task, traced, group_vectors, target: float, config
           "kept_macs": chosen.predicted.macs / chosen.dense.macs,
           "removed": {g: len(v) for g, v in chosen.removed.items() if len(v)},
           "max_abs_compact_minus_masked": float(jnp.max(jnp.abs(compact_out - masked_out)))}
-
-
-def table(results: dict) -> str:
-  metric = results["metric"]
-  lines = [f"{'criterion':16s} {'seed':>4s} {'target':>6s} {'kept':>6s} {metric:>12s}",
-           f"{'dense':16s} {'':>4s} {'':>6s} {1.0:6.3f} {results['dense'][metric]:12.4f}"]
-  for r in results["runs"]:
-    lines.append(f"{r['criterion']:16s} {r['seed']:4d} {r['target']:6.3f} {r['kept_params']:6.3f} "
-                 f"{r[metric]:12.4f}")
-  for name, c in results["costs"].items():
-    lines.append(f"cost {name}: {c['in_gradients']:.2f} gradients per batch")
-  return "\n".join(lines)
-
-
-def plot(results: dict, path: str) -> None:
-  """Metric vs kept parameter fraction: mean over seeds, bars from min to max."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  metric = results["metric"]
-  fig, ax = plt.subplots(figsize=(6, 4))
-  by_criterion: dict[str, dict[float, list]] = {}
-  for r in results["runs"]:
-    by_criterion.setdefault(r["criterion"], {}).setdefault(r["target"], []).append(
-        (r["kept_params"], r[metric]))
-  for name, by_target in by_criterion.items():
-    xs, ys, lo, hi = [], [], [], []
-    for target in sorted(by_target):
-      points = np.asarray(by_target[target])
-      xs.append(points[:, 0].mean())
-      ys.append(points[:, 1].mean())
-      lo.append(max(ys[-1] - points[:, 1].min(), 0.0))  # equal values: the mean may be off
-      hi.append(max(points[:, 1].max() - ys[-1], 0.0))    # by one rounding step
-    ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=name)
-  ax.axhline(results["dense"][metric], color="k", ls="--", lw=1, label="dense")
-  ax.set_xlabel("kept fraction of parameters")
-  ax.set_ylabel(metric)
-  if metric == "perplexity":
-    ax.set_yscale("log")
-  ax.legend(fontsize=7)
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)

