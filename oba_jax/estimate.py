@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from oba_jax import runtime
 from oba_jax.delta import path_str
 from oba_jax.validate import check_finite_params, warn_if_zero
 
@@ -258,7 +259,7 @@ def _make_step(score_fn: Callable[..., PyTree], with_key: bool, with_constants: 
   """The jitted `step(total, params, batch, key, constants) -> (total + score, finite)`."""
   call = _call(score_fn, with_key, with_constants)
 
-  @functools.partial(jax.jit, donate_argnums=0)
+  @functools.partial(runtime.jit, donate_argnums=0)
   def score_step(total, p, b, k, c):
     s = call(p, b, k, c)
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(s)]))
