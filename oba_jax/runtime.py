@@ -30,13 +30,13 @@ def jit(fun: Callable | None = None, **jit_kwargs) -> Callable:
     return functools.partial(jit, **jit_kwargs)
   on_cpu = jax.jit(fun, compiler_options=dict(KEEP_BARRIERS), **jit_kwargs)
   elsewhere = jax.jit(fun, **jit_kwargs)
+  jitted = lambda: on_cpu if jax.default_backend() == "cpu" else elsewhere  # at call time
 
   @functools.wraps(fun)
   def call(*args, **kwargs):
-    return (on_cpu if jax.default_backend() == "cpu" else elsewhere)(*args, **kwargs)
+    return jitted()(*args, **kwargs)
 
-  call.lower = lambda *args, **kwargs: (
-      on_cpu if jax.default_backend() == "cpu" else elsewhere).lower(*args, **kwargs)
+  call.lower = lambda *args, **kwargs: jitted().lower(*args, **kwargs)
   return call
 
 

@@ -11,8 +11,8 @@ recalibrated on the same training batches and fine-tunes on the same data order
 
 The protocol is the paper's one-shot procedure (method notes §4.3) at the size two CPU
 cores allow: the official step rule (S = 50, stopping once the FLOPs meet the target:
-22-36 re-scoring steps), 32 batches of 64 per step, BatchNorm in training mode while
-scoring (the Fisher diagonal, which runs one example at a time, in inference mode with
+16-33 re-scoring steps on the VGG-11), 32 batches of 64 per step, BatchNorm in training
+mode while scoring (the Fisher diagonal, which runs one example at a time, in inference mode with
 statistics recalibrated before every step), a dense model trained to a plateau, and
 3,000 fine-tuning steps with test accuracy at 100, 300 and 1,000 too: the answer is a
 curve against the fine-tuning budget. "name@library" and "name@per_cost" add the

@@ -30,10 +30,9 @@ def criterion_entries(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def entry_settings(config: ml_collections.ConfigDict, entry: str) -> tuple[str, dict]:
-  """The criterion of an entry and its pruning settings: `prune.reduction` and
-  `prune.batchnorm`, each replaced by an "@option" of the entry that names a value of
-  `structure.REDUCTIONS` or `criteria.BATCHNORM_MODES` (group reductions only in the
-  structured modes)."""
+  """The criterion of an entry and its pruning settings: `prune.batchnorm`, `reduction`,
+  `procedure` and `ranking`, each replaced by an "@option" of the entry that names one of
+  its values (`ENTRY_OPTIONS`; all but the BatchNorm mode in the structured modes only)."""
   name, *options = entry.split("@")
   p = config.prune
   settings = {"reduction": p.reduction, "batchnorm": p.batchnorm, "procedure": p.procedure,
@@ -110,5 +109,5 @@ def importance_settings(config: ml_collections.ConfigDict) -> dict:
           "ranking": p.ranking if structured else None,
           "scope": p.scope if structured else None,
           "batches_per_step": p.importance_batches, "batch_size": p.importance_batch_size,
-          "augment": p.augment, "reduction": p.reduction if config.mode != "unstructured" else None,
-          "steps": p.steps if config.mode != "unstructured" else p.steps_per_density}
+          "augment": p.augment, "reduction": p.reduction if structured else None,
+          "steps": p.steps if structured else p.steps_per_density}
