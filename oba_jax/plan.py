@@ -20,8 +20,9 @@ import hashlib
 import json
 import math
 import numbers
+import re
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -29,7 +30,7 @@ import numpy as np
 from oba_jax.structure.groups import Cost, Structure
 from oba_jax.validate import check_choice, check_decreasing, check_finite, non_empty
 
-SCOPES = ("global", "local")
+SCOPES = ("global", "local", "uniform")
 
 
 def _check_fraction(value, name: str) -> None:
@@ -187,6 +188,7 @@ def select(
     round_to: int | None = None,
     min_channels: int = 1,
     already_removed: Mapping[str, Sequence[int]] | None = None,
+    frozen: Collection[str] = (),
 ) -> Plan:
   """The fewest lowest-scored removals that meet `target` on the structure's cost model.
 
@@ -207,6 +209,12 @@ def select(
       reduction's). "local": the same fraction of every group goes: index j
       (1-based, lowest score first) of a group of size n ranks at (j + already
       removed) / n, and the plan stops only between distinct fractions.
+      "uniform": the groups of one `family` (the same name in every layer) lose
+      the same number of indices, each its own lowest-scored, so every layer
+      keeps the same widths (what a Hugging Face config or llama.cpp's `llama`
+      architecture can hold). A family's k-th removal takes the k-th lowest
+      index of each of its groups and ranks at their mean score (Minitron
+      sums the scores over layers; within a family the order is the same).
     max_ratio: at most this fraction of a group's original size is removed.
     round_to: kept widths of pruned groups are multiples of it (an untouched
       group keeps its size); widths are rounded up, so fewer indices go.
@@ -237,7 +245,10 @@ def select(
 
   names = [g.name for g in structure.groups]
   current = np.array([g.size - len(before[g.name]) for g in structure.groups])
-  floors = [_min_width(g.size, max_ratio, min_channels, round_to) for g in structure.groups]
+  frozen = _checked_frozen(structure, frozen)
+  floors = [current[i] if g.name in frozen else _min_width(g.size, max_ratio, min_channels,
+                                                           round_to)
+            for i, g in enumerate(structure.groups)]
   orders, ranked_groups, cuts = _ranking(structure, scores, before, floors, scope)
 
   def widths_after(prefix: int) -> np.ndarray:
@@ -291,6 +302,8 @@ def _ranking(structure: Structure, scores: Mapping[str, np.ndarray],
     orders.append(order)
     keys.append(scores[g.name][order] if scope == "global"
                 else (len(before[g.name]) + np.arange(1, len(order) + 1)) / g.size)
+  if scope == "uniform":
+    return _uniform_ranking(structure, scores, orders)
   group_of = np.concatenate([np.full(len(o), i) for i, o in enumerate(orders)])
   position = np.concatenate([np.arange(len(o)) for o in orders])
   key = np.concatenate(keys)
@@ -301,6 +314,51 @@ def _ranking(structure: Structure, scores: Mapping[str, np.ndarray],
     steps = np.flatnonzero(np.diff(key[ranking])) + 1
     cuts = np.unique(np.concatenate([[0], steps, [len(ranking)]]))
   return orders, group_of[ranking], cuts
+
+
+def family(group_name: str) -> str:
+  """The name shared by a group's copies in every layer: each all-digit path component
+  becomes '*' ('layers/3/mlp/gate_proj/kernel@1' -> 'layers/*/mlp/gate_proj/kernel@1')."""
+  path, _, suffix = group_name.partition("@")
+  parts = ["*" if part.isdigit() else part for part in path.split("/")]
+  return "/".join(parts) + ("@" + suffix if suffix else "")
+
+
+def _uniform_ranking(structure: Structure, scores: Mapping[str, np.ndarray],
+                     orders: list[np.ndarray]):
+  """`_ranking` for scope "uniform": whole slices (the k-th lowest index of every group of a
+  family of equal-sized groups) ranked by their mean score; plans stop between slices."""
+  families: dict[tuple[str, int], list[int]] = {}
+  for i, g in enumerate(structure.groups):
+    families.setdefault((family(g.name), g.size), []).append(i)
+  slice_groups, slice_keys, slice_ks = [], [], []
+  for members in families.values():
+    depth = min(len(orders[i]) for i in members)  # the slices every group can still give
+    for k in range(depth):
+      slice_groups.append(members)
+      slice_keys.append(np.mean([scores[structure.groups[i].name][orders[i][k]]
+                                 for i in members]))
+      slice_ks.append(k)
+  first = [members[0] for members in slice_groups]
+  order = np.lexsort((np.asarray(slice_ks, np.int64), np.asarray(first, np.int64),
+                      np.asarray(slice_keys, np.float64))) if slice_groups else []
+  ranked = [slice_groups[s] for s in order]
+  ranked_groups = np.asarray([i for members in ranked for i in members], np.int64)
+  cuts = np.concatenate([[0], np.cumsum([len(members) for members in ranked], dtype=np.int64)])
+  # A group gives up its indices in its own score order, so the k-th slice of a family removes
+  # orders[i][k] from each group i: a prefix of the ranking is a prefix of every group's order.
+  return orders, ranked_groups, cuts
+
+
+def _checked_frozen(structure: Structure, frozen: Collection[str]) -> frozenset[str]:
+  if isinstance(frozen, str):
+    raise TypeError(f"frozen={frozen!r} must be a collection of group names, not one string.")
+  names = {g.name for g in structure.groups}
+  unknown = sorted(set(frozen) - names)
+  if unknown:
+    raise ValueError(f"frozen names {unknown[:3]} are not groups of this structure; groups: "
+                     f"{sorted(names)[:4]} ...")
+  return frozenset(frozen)
 
 
 def _round_up(width, multiple: int):

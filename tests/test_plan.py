@@ -107,7 +107,7 @@ def test_density_is_not_a_structured_target():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"scope": "layer"}, r"scope='layer' is not supported; accepted: \['global', 'local'\]"),
+    ({"scope": "layer"}, r"scope='layer' is not supported; accepted: \['global', 'local', 'uniform'\]"),
     ({"max_ratio": 1.5}, r"max_ratio=1.5 is not a number in \[0, 1\]"),
     ({"round_to": 0}, "round_to=0 is not None or an integer >= 1"),
     ({"min_channels": 0}, "min_channels=0 is not an integer >= 1"),
@@ -235,3 +235,55 @@ def test_plans_are_read_only():
   p = plan.select(mlp(), HIDDEN_SCORES, target=KeptFlops(0.5))
   with pytest.raises(TypeError):
     p.removed["hidden"] = ()
+
+
+def layered(sizes=(4, 4), prefix="layers"):
+  """One 10-MAC-per-index group per layer, named like a model's layers ('layers/0/mlp@1')."""
+  groups = tuple(hidden_group(f"{prefix}/{i}/mlp@1", size, f"{prefix}/{i}/in", f"{prefix}/{i}/out")
+                 for i, size in enumerate(sizes))
+  terms = tuple(Term(g.name, 10, (g.name,)) for g in groups)
+  return Structure(groups, mac_terms=terms, param_terms=terms)
+
+
+def test_family_names_a_group_in_every_layer():
+  assert plan.family("layers/3/mlp/gate_proj/kernel@1") == "layers/*/mlp/gate_proj/kernel@1"
+  assert plan.family("blocks/10/attn/q_proj/kernel@1.1") == "blocks/*/attn/q_proj/kernel@1.1"
+  assert plan.family("conv1/kernel@3") == "conv1/kernel@3"
+
+
+def test_uniform_removes_the_same_count_from_every_layer():
+  # Global would take all four lowest scores from layer 0; uniform takes two from each layer,
+  # each layer its own lowest, ranked by the mean of the k-th lowest scores.
+  structure = layered()
+  scores = {"layers/0/mlp@1": [0.1, 0.2, 0.3, 0.4], "layers/1/mlp@1": [0.9, 0.5, 0.8, 0.7]}
+  global_plan = plan.select(structure, scores, target=KeptFlops(0.5))
+  assert global_plan.kept_widths == {"layers/0/mlp@1": 1, "layers/1/mlp@1": 3}
+  p = plan.select(structure, scores, target=KeptFlops(0.5), scope="uniform")
+  assert p.removed == {"layers/0/mlp@1": (0, 1), "layers/1/mlp@1": (1, 3)}
+  # Whole slices only: 0.7 needs 2.4 removals, so 2 slices (4 indices) go.
+  p = plan.select(structure, scores, target=KeptFlops(0.7), scope="uniform")
+  assert p.kept_widths == {"layers/0/mlp@1": 2, "layers/1/mlp@1": 2}
+
+
+def test_uniform_ranks_families_by_their_mean_score():
+  structure = Structure(layered().groups + layered(prefix="heads").groups,
+                        mac_terms=layered().mac_terms + layered(prefix="heads").mac_terms,
+                        param_terms=layered().param_terms + layered(prefix="heads").param_terms)
+  scores = {"layers/0/mlp@1": [1.0, 2, 3, 4], "layers/1/mlp@1": [1.0, 2, 3, 4],
+            "heads/0/mlp@1": [0.0, 5, 6, 7], "heads/1/mlp@1": [3.0, 5, 6, 7]}
+  p = plan.select(structure, scores, target=KeptFlops(0.625), scope="uniform")
+  # Three slices of two indices: layers (mean 1), heads (mean 1.5), layers (mean 2).
+  assert p.kept_widths == {"layers/0/mlp@1": 2, "layers/1/mlp@1": 2, "heads/0/mlp@1": 3,
+                           "heads/1/mlp@1": 3}
+
+
+def test_frozen_groups_lose_nothing():
+  scores = {"a": [0.1, 0.2, 0.3, 0.4], "b": [0.5, 0.6, 0.7, 0.8]}
+  p = plan.select(two_groups(), scores, target=KeptFlops(0.75), frozen=("a",))
+  assert p.removed == {"a": (), "b": (0, 1)}
+  with pytest.raises(ValueError, match=r"frozen names \['c'\] are not groups"):
+    plan.select(two_groups(), scores, target=KeptFlops(0.75), frozen=("c",))
+  with pytest.raises(TypeError, match="collection of group names"):
+    plan.select(two_groups(), scores, target=KeptFlops(0.75), frozen="a")
+  with pytest.raises(ValueError, match="cannot be reached"):
+    plan.select(two_groups(), scores, target=KeptFlops(0.4), frozen=("a",))

@@ -106,7 +106,8 @@ HELP = {
                        "stop once FLOPs meet it) | library (each step meets a kept-FLOPs ratio)",
     "prune.schedule": "auto (exponential for OBA, linear for baselines) | exponential | linear",
     "prune.ranking": "score (the paper's) | per_cost (score per saved MAC)",
-    "prune.scope": "global (one ranking over all groups) | local (the same fraction of each)",
+    "prune.scope": ("global (one ranking over all groups) | local (the same fraction of each) | "
+                    "uniform (the same count in every layer)"),
     "prune.importance_batches": "batches of importance collected per pruning step",
     "prune.importance_batch_size": "examples per importance batch",
     "prune.augment": "training augmentation on the importance batches",
