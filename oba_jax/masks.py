@@ -69,12 +69,12 @@ def from_removed(structure: Structure, removed: Mapping[str, Any], params: PyTre
       size = jnp.shape(leaves[m.path])[m.axis]
       keep[m.path].setdefault(m.axis, np.ones(size, bool))[m.indices(indices)] = False
 
-  def leaf_mask(path, leaf):
+  def leaf_mask(path, leaf):  # built on the host: no compilation per leaf shape
     shape = jnp.shape(leaf)
-    mask = jnp.ones(shape, bool)
+    mask = np.ones(shape, bool)
     for axis, kept in keep.get(path_str(path), {}).items():
-      mask &= jnp.asarray(kept).reshape([-1 if a == axis else 1 for a in range(len(shape))])
-    return mask
+      mask &= kept.reshape([-1 if a == axis else 1 for a in range(len(shape))])
+    return jax.device_put(mask)
 
   return jax.tree_util.tree_map_with_path(leaf_mask, params)
 
@@ -104,6 +104,7 @@ def apply_plan(params: PyTree, structure: Structure, plan: Plan) -> PyTree:
   return apply(params, from_plan(structure, plan, params))
 
 
+@jax.jit  # one program per model shape, not one per leaf
 def _zero_pruned(tree: PyTree, mask: PyTree) -> PyTree:
   return jax.tree.map(lambda x, keep: jnp.where(keep, x, jnp.zeros_like(x)), tree, mask)
 

@@ -68,6 +68,12 @@ PyTree = Any
 Pruned = nnx.Module | PyTree
 
 
+class UnreachableTarget(ValueError):
+  """The official step rule ended its channel schedule without meeting the target: the
+  criterion removed cheap channels (R = 1 - 0.9 * target of them), a finding about the rule
+  and the criterion, not bad input. The official code loops forever in this case."""
+
+
 @dataclasses.dataclass(frozen=True)
 class StepRecord:
   """One structured pruning step.
@@ -398,7 +404,7 @@ def _structured(
         break
     else:
       if official:
-        raise ValueError(
+        raise UnreachableTarget(
             f"procedure='official' did not reach {target} in steps={config.steps}: the last "
             f"step keeps {getattr(kept, measure) / getattr(dense, measure):.4g} of the "
             f"{measure} (its channel ratio ends at R = 1 - 0.9 * {targets[-1].ratio}). Use "

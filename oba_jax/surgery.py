@@ -289,13 +289,19 @@ def _verify(dense: nnx.Module, new: nnx.Module, structure: Structure, removed, f
   concrete = not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(new_state_all))
   if structure.example is None or not concrete:
     return
-  module = nnx.merge(graphdef, new_state_all, copy=True)
-  counts = lambda: [int(c) for c in jax.tree.leaves(nnx.state(module, nnx.RngCount))]
-  before = counts()
-  got = module(*structure.example)
-  if counts() != before:
+  def outputs_and_draws(state, *x):  # jitted: one compilation, not one per operation
+    module = nnx.merge(graphdef, state, copy=True)
+    counts = lambda: [c.get_value() for _, c in nnx.to_flat_state(nnx.state(module,
+                                                                             nnx.RngCount))]
+    before = counts()
+    return module(*x), before, counts()
+
+  got, before, after = jax.jit(outputs_and_draws)(new_state_all, *structure.example)
+  if [int(c) for c in before] != [int(c) for c in after]:
     return  # the module drew random numbers (dropout in training mode): nothing to compare
-  difference = _relative_difference(got, run(small_params, small_state, *structure.example)[0])
+  want = jax.jit(lambda p, s, *x: run(p, s, *x)[0])(small_params, small_state,
+                                                     *structure.example)
+  difference = _relative_difference(got, want)
   if difference is None:
     return
   cut = _cut_normalized(structure, removed)
@@ -387,4 +393,4 @@ def _delete(value, axes: Mapping[int, set[int]]):
   out = np.asarray(value)
   for axis, idx in axes.items():
     out = np.delete(out, sorted(idx), axis=axis)
-  return jax.numpy.asarray(out, dtype=value.dtype)
+  return jax.device_put(np.asarray(out, dtype=value.dtype))  # no compilation per shape

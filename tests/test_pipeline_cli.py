@@ -11,7 +11,7 @@ import safetensors.numpy
 import tensorflow_datasets as tfds
 
 import clis
-from oba_jax import models, weights
+from oba_jax import models, prune, weights
 from oba_jax.experiments import (cli, compare_criteria, pipeline, resnet32_cifar,
                                  resnet50_imagenet, unstructured, vgg19_cifar, vit_b16_imagenet)
 
@@ -153,6 +153,23 @@ def test_vit_b16_keeps_the_patch_embedding(tmp_path):
   results = run(vit_b16_imagenet, tmp_path, criteria="magnitude")
   check_consistent(results, ["magnitude"], [0.51])
   assert results["pruned"][0]["macs"] < results["dense"]["macs"]
+
+
+def test_a_target_the_official_rule_cannot_reach_is_recorded_and_the_run_goes_on(
+    tmp_path, monkeypatch):
+  one_shot = prune.one_shot
+
+  def unreachable_for_taylor(model, example, batches, config, **kw):
+    if config.criterion == "taylor":
+      raise prune.UnreachableTarget("procedure='official' did not reach KeptFlops(0.5)")
+    return one_shot(model, example, batches, config, **kw)
+
+  monkeypatch.setattr(prune, "one_shot", unreachable_for_taylor)
+  results = run(compare_criteria, tmp_path, criteria="magnitude,taylor", targets=(0.5,))
+  check_consistent(results, ["magnitude"], [0.5])
+  assert results["unreachable"] == [{"criterion": "taylor", "target": 0.5,
+                                     "reason": "procedure='official' did not reach "
+                                               "KeptFlops(0.5)"}]
 
 
 def test_one_run_compares_a_criterion_under_other_settings(tmp_path):

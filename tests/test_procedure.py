@@ -134,7 +134,8 @@ def test_official_one_shot_that_cannot_reach_the_target_says_so(resnet, monkeypa
       s, {g.name: () for g in s.groups}))
   config = prune.StructuredConfig(criterion="magnitude", targets=0.5, steps=2,
                                   procedure="official")
-  with pytest.raises(ValueError, match=r"procedure='official' did not reach KeptFlops"):
+  with pytest.raises(prune.UnreachableTarget,
+                     match=r"procedure='official' did not reach KeptFlops"):
     prune.one_shot(resnet, X, BATCHES, config, key=KEY)
 
 

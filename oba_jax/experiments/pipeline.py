@@ -150,12 +150,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return batchnorm.recalibrate(masked, calibration(), num_batches=count)
 
   prune_one = _unstructured if config.mode == "unstructured" else _structured
-  rows = []
+  rows, unreachable = [], []
   for criterion in criterion_entries(config):
     batches = stream(config.seed + 1, config.prune.importance_batch_size,
                      augment=config.prune.augment)
     for row, tuned, compacted, mask in prune_one(config, criterion, dense, example, batches,
-                                                  test, recalibrate, finetune, calibration()):
+                                                  test, recalibrate, finetune, calibration(),
+                                                  unreachable):
       cli.say(f"evaluating {criterion} at {row['target']}")
       measured = time.perf_counter()
       row.update(measure(tuned, compacted, test, example, timing_input, config.timing_seconds),
@@ -167,7 +168,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       rows.append(row)
 
   results = {"config": config.to_dict(), "mode": config.mode, "dense": dense_row,
-             "pruned": rows, "targets": list(config.targets),
+             "pruned": rows, "unreachable": unreachable, "targets": list(config.targets),
              "importance": importance_settings(config), "wall_seconds": time.perf_counter() - start}
   cli.write_json(os.path.join(workdir, RESULTS_FILE), results)
   if len(config.targets) > 1:
@@ -256,8 +257,9 @@ def _train_config(recipe, num_examples: int, seed: int) -> train.TrainConfig:
 
 
 def _structured(config, criterion, dense, example, batches, test, recalibrate, finetune,
-                calibration):
-  """Yields (row, fine-tuned masked model, its compaction, mask) per target.
+                calibration, unreachable):
+  """Yields (row, fine-tuned masked model, its compaction, mask) per target; a target the
+  official step rule cannot reach with this criterion goes to `unreachable` instead.
 
   At each target the pruned model's BatchNorm statistics are recalibrated before it is
   evaluated ("accuracy after pruning") and fine-tuned.
@@ -300,12 +302,17 @@ def _structured(config, criterion, dense, example, batches, test, recalibrate, f
   for target, settings in zip(config.targets, prune_configs(config, criterion)):
     cli.say(f"pruning {criterion} to kept FLOPs {target} in at most {p.steps} steps "
             f"({settings.procedure} procedure)")
-    result = prune.one_shot(dense, example, scoring(batches, criterion, p.importance_batches,
-                                                    p.steps, config.progress, f" to {target}"),
-                            settings, **runtime)
+    try:
+      result = prune.one_shot(dense, example, scoring(batches, criterion, p.importance_batches,
+                                                      p.steps, config.progress, f" to {target}"),
+                              settings, **runtime)
+    except prune.UnreachableTarget as error:  # an outcome of the rule: recorded, not fatal
+      cli.say(f"{criterion} at {target}: {error}")
+      unreachable.append({"criterion": criterion, "target": target, "reason": str(error)})
+      continue
     tuned, mask = tune(result.masked, result.plan, target)
     yield (_structured_row(criterion, target, result, pruned[target]), tuned,
-           surgery.compact(tuned, result.plan), mask)
+           surgery.compact(tuned, result.plan, verify=False), mask)  # verified by one_shot
 
 
 def _structured_row(criterion, target, result, pruned) -> dict:
@@ -318,9 +325,9 @@ def _structured_row(criterion, target, result, pruned) -> dict:
 
 
 def _unstructured(config, criterion, dense, example, batches, test, recalibrate, finetune,
-                  calibration):
+                  calibration, unreachable):
   """Yields (row, fine-tuned masked model, the same, mask) per density (recalibrated first)."""
-  del example  # masks keep the shapes: nothing to trace
+  del example, unreachable  # masks keep the shapes: nothing to trace; densities are met
   (settings,) = prune_configs(config, criterion)
   p = config.prune
   cli.say(f"pruning {criterion} unstructured to densities {', '.join(map(str, config.targets))}")

@@ -115,8 +115,10 @@ class Rebuild:
         sizes = list(value.shape)
         sizes[axis] = int(mask.sum())
         value = jax.ShapeDtypeStruct(tuple(sizes), value.dtype)
-      else:
+      elif isinstance(value, jax.core.Tracer) or not getattr(value, "is_fully_addressable", True):
         value = jnp.take(value, np.flatnonzero(mask), axis=axis)
+      else:  # on the host: no compilation per leaf shape
+        value = jax.device_put(np.take(np.asarray(value), np.flatnonzero(mask), axis=axis))
     return value
 
   # --- re-running ---------------------------------------------------------------
