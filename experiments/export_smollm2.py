@@ -17,7 +17,7 @@ Writes experiments/results/export_smollm2/<criterion>_kept<target>_<scope>.json 
 go to --workdir). Not a test: it needs the wheel, WordNet (apt-get install wordnet-base) and
 llama-cpp-python, and minutes of CPU.
 
-  python experiments/export_smollm2.py --criterion magnitude --target 0.7
+  python experiments/export_smollm2.py --criterion magnitude --target 0.85
 """
 
 import argparse
@@ -48,7 +48,7 @@ def _args():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--criterion", default="magnitude",
                  help=f"one of {','.join(sorted(criteria.CRITERIA))}")
-  p.add_argument("--target", type=float, default=0.7, help="kept fraction of the parameters")
+  p.add_argument("--target", type=float, default=0.85, help="kept fraction of the parameters")
   p.add_argument("--scope", default="global", choices=plan.SCOPES,
                  help="plan.select scope: global/local give per-layer widths (deci), uniform "
                       "the same widths in every layer (llama)")

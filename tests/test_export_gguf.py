@@ -111,6 +111,16 @@ def test_non_uniform_plan_exports_as_deci_and_reads_back_exactly(tmp_path):
   assert not [k for k in metadata if k.startswith("llama.")]
 
 
+def test_untied_head_is_written_as_output_weight(tmp_path):
+  model = Llama(**TINY, tie_embeddings=False, rngs=nnx.Rngs(1))
+  export_gguf(model, tmp_path / "untied.gguf", context_length=64)
+  names = [t.name for t in gguf.GGUFReader(tmp_path / "untied.gguf").tensors]
+  assert "output.weight" in names and len(names) == 2 * 9 + 3
+  loaded, config = llama_gguf.load_llama(tmp_path / "untied.gguf")
+  assert not config["tie_embeddings"]
+  np.testing.assert_array_equal(loaded(jnp.asarray(TOKENS)), model(jnp.asarray(TOKENS)))
+
+
 def test_q8_0_falls_back_to_f16_where_rows_are_not_blocks_of_32(tmp_path):
   model = _tiny()
   small = surgery.compact(model, _plan(_structure(model), NON_UNIFORM))

@@ -11,9 +11,10 @@ stored with each head's features in llama.cpp's interleaved rotary layout (pairs
 which is the layout `Llama` rotates, so they load unpermuted. `general.architecture` must be
 "llama" (SmolLM2, Llama 2/3, Mistral-style files) or "deci" (llama.cpp's name for Llama layers of
 per-layer widths, `attention.head_count`, `head_count_kv` and `feed_forward_length` given as one
-value per layer: what `oba_jax.export.llama_gguf` writes for a pruned model); anything else is refused by
-name, as is a file whose tensors do not fit the sizes its metadata gives, and a `deci` file with
-attention-free, linear-attention or FFN-free layers (a width of 0).
+value per layer: what `oba_jax.export.llama_gguf` writes for a pruned model); anything else is
+refused by name, as is a file whose tensors do not fit the sizes its metadata gives, a `llama`
+file whose widths differ by layer (llama.cpp would run it with layer 0's), and a `deci` file
+with attention-free, linear-attention or FFN-free layers (a width of 0).
 
 Needs the `gguf` package (pure Python and numpy) and, for the tokenizer, `tokenizers`.
 """
