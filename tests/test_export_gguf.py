@@ -121,18 +121,20 @@ def test_untied_head_is_written_as_output_weight(tmp_path):
   np.testing.assert_array_equal(loaded(jnp.asarray(TOKENS)), model(jnp.asarray(TOKENS)))
 
 
-def test_q8_0_falls_back_to_f16_where_rows_are_not_blocks_of_32(tmp_path):
+def test_q8_0_pads_ffns_and_falls_back_to_f16_where_rows_are_not_blocks_of_32(tmp_path):
   model = _tiny()
   small = surgery.compact(model, _plan(_structure(model), NON_UNIFORM))
   summary = export_gguf(small, tmp_path / "q8.gguf", dtype="q8_0", context_length=64)
-  assert summary["f16_fallback"] == [f"blk.{i}.{name}.weight" for i in (0, 1)
-                                     for name in ("attn_output", "ffn_down")]  # 16, 20/27 long
-  assert summary["tensor_types"] == {"Q8_0": 11, "F32": 5, "F16": 4}
+  # FFNs of 20 and 27 units are padded with zero units to 32; attn_output rows are 2 heads * 8.
+  assert summary["ffn_dim"] == [32, 32] and summary["ffn_padding"] == 12 + 5
+  assert summary["f16_fallback"] == ["blk.0.attn_output.weight", "blk.1.attn_output.weight"]
+  assert summary["tensor_types"] == {"Q8_0": 13, "F32": 5, "F16": 2}
   reader = gguf.GGUFReader(tmp_path / "q8.gguf")
-  assert {t.name: t.tensor_type.name for t in reader.tensors}["blk.1.ffn_down.weight"] == "F16"
+  assert {t.name: t.tensor_type.name for t in reader.tensors}["blk.1.attn_output.weight"] == "F16"
   loaded, _ = llama_gguf.load_llama(tmp_path / "q8.gguf")
-  np.testing.assert_array_equal(loaded.layers[1].mlp.down_proj.kernel[...],
-                                small.layers[1].mlp.down_proj.kernel[...].astype(jnp.float16))
+  np.testing.assert_array_equal(loaded.layers[1].attn.o_proj.kernel[...],
+                                small.layers[1].attn.o_proj.kernel[...].astype(jnp.float16))
+  np.testing.assert_array_equal(loaded.layers[0].mlp.down_proj.kernel[20:], 0)
   # 8 bits per weight (blocks of 32 sharing a scale) move this random model's logits (|logit| up
   # to 0.4) by up to 0.049 (measured).
   np.testing.assert_allclose(loaded(jnp.asarray(TOKENS)), small(jnp.asarray(TOKENS)), atol=0.1)

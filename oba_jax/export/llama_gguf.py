@@ -22,9 +22,11 @@ tokenizer (oba_jax loads it; llama.cpp needs one) and `context_length` must be g
 Tensors: kernels are transposed back to GGUF's [out, in] (ggml's ne reversed). `dtype` "f32"
 writes everything in float32; "f16" and "q8_0" write the matrices (embedding included, as
 llama.cpp's converter does) in that type and the norms in float32, which llama.cpp needs. Q8_0
-quantizes rows in blocks of 32, so a matrix whose rows are not a multiple of 32 long (a pruned
-FFN's `ffn_down`) is written in f16 instead; the summary lists each tensor's type. Embeddings tied
-to the head (as in SmolLM2) give no `output.weight`. The file is written atomically.
+quantizes rows in blocks of 32: for it, each layer's FFN is padded with zero units up to a
+multiple of 32 (exact: silu(0) * 0 = 0, and the zero rows of `ffn_down` add nothing), and any other
+matrix whose rows are not a multiple of 32 long (attention outputs of heads * head size not
+divisible by 32) is written in f16 instead; the summary lists both. Embeddings tied to the head
+(as in SmolLM2) give no `output.weight`. The file is written atomically.
 """
 
 import collections
@@ -69,8 +71,9 @@ def export_gguf(model: Llama, path: str | os.PathLike, *, source: str | os.PathL
     context_length: overrides the source's; required without a source.
 
   Returns:
-    {"path", "bytes", "architecture", "num_heads", "num_kv_heads", "ffn_dim", "head_dim",
-     "tensor_types": {GGML type: count}, "f16_fallback": [names not quantizable to q8_0]}.
+    {"path", "bytes", "architecture", "num_heads", "num_kv_heads", "ffn_dim" (as written, padded
+     for q8_0), "head_dim", "tensor_types": {GGML type: count}, "ffn_padding": zero units added,
+     "f16_fallback": [names not quantizable to q8_0]}.
 
   Raises:
     ExportError: a model or source the file cannot hold (named), before anything is written.
@@ -86,11 +89,14 @@ def export_gguf(model: Llama, path: str | os.PathLike, *, source: str | os.PathL
     raise ImportError("writing GGUF files needs the `gguf` package: pip install gguf") from error
   fields = _source_fields(source) if source is not None else {}
   layout = _layout(model, fields, source)
+  block = _Q8_BLOCK if dtype == "q8_0" else 1
+  units = layout["ffn_dim"]
+  layout["ffn_dim"] = [-(-u // block) * block for u in units]  # what the file holds
   arch = "llama" if all(len(set(layout[k])) == 1
                         for k in ("num_heads", "num_kv_heads", "ffn_dim")) else "deci"
   writer = gguf.GGUFWriter(None, arch)
   _add_metadata(gguf, writer, arch, layout, fields, source, dtype, context_length)
-  types = _add_tensors(gguf, writer, model, dtype)
+  types = _add_tensors(gguf, writer, model, dtype, layout["ffn_dim"])
 
   def write(f):
     # The writer writes to the stream `write_atomic` opened: `open_output_file` keeps an output
@@ -107,6 +113,7 @@ def export_gguf(model: Llama, path: str | os.PathLike, *, source: str | os.PathL
           **{k: layout[k][0] if uniform else list(layout[k])
              for k in ("num_heads", "num_kv_heads", "ffn_dim")},
           "tensor_types": dict(collections.Counter(types.values())),
+          "ffn_padding": sum(layout["ffn_dim"]) - sum(units),
           "f16_fallback": sorted(n for n, t in types.items() if dtype == "q8_0" and t == "F16")}
 
 
@@ -257,8 +264,9 @@ def _add_field(gguf, writer, key: str, value, types) -> None:
     writer.add_key_value(key, value, types[0])
 
 
-def _add_tensors(gguf, writer, model: Llama, dtype: str) -> dict[str, str]:
-  """Adds every tensor (GGUF names, [out, in] matrices); returns {name: GGML type name}."""
+def _add_tensors(gguf, writer, model: Llama, dtype: str, ffn_dim) -> dict[str, str]:
+  """Adds every tensor (GGUF names, [out, in] matrices; FFNs padded with zero units to
+  `ffn_dim`); returns {name: GGML type name}."""
   tensors = {"token_embd.weight": model.embed.embedding.get_value(),
              "output_norm.weight": model.norm.scale.get_value()}
   if model.lm_head is not None:
@@ -268,7 +276,12 @@ def _add_tensors(gguf, writer, model: Llama, dtype: str) -> dict[str, str]:
       node = layer
       for part in leaf.split("/"):
         node = getattr(node, part)
-      value = node.get_value()
+      value = np.asarray(node.get_value())
+      if leaf.startswith("mlp/"):  # the units: axis 1 of gate/up, axis 0 of down
+        axis = 0 if leaf == "mlp/down_proj/kernel" else 1
+        padding = [(0, 0), (0, 0)]
+        padding[axis] = (0, ffn_dim[i] - value.shape[axis])
+        value = np.pad(value, padding)
       tensors[f"blk.{i}.{name}"] = value.T if transpose else value
   types = {}
   for name, value in tensors.items():
