@@ -8,7 +8,10 @@ dense and the pruned model as f32 and q8_0 GGUF files (`oba_jax.export.export_gg
 llama.cpp (llama-cpp-python 0.3.36):
 
 - agreement: next-token logits of `--sentences` held-out WordNet example sentences, llama.cpp
-  (float32 KV cache) against oba_jax, max |difference| and that over the max |logit|;
+  (float32 KV cache) against oba_jax, max |difference| and that over the max |logit|: every file
+  against the float32 model exported, and the q8_0 files also against the model oba_jax reads
+  back from them (the same dequantized weights; llama.cpp still rounds activations to 8 bits in
+  its q8_0 matrix products);
 - speed: every file loaded in this one process (n_threads=`--threads`, llama.cpp's default
   float16 KV cache), the same prompt evaluated and `--generate` tokens decoded greedily (EOS
   ignored), `--reps` rounds interleaved over the files; medians of prompt and decode tokens/s.
@@ -169,9 +172,12 @@ def main():
             f"{summaries[key]['architecture']}", flush=True)
 
   print("llama.cpp agreement", flush=True)
-  agreement = {key: _agreement(llama_cpp, paths[key], m, sentences)
+  agreement = {f"{key}_vs_float32_model": _agreement(llama_cpp, paths[key], m, sentences)
                for key, m in (("dense_f32", model), ("pruned_f32", pruned),
                               ("dense_q8_0", model), ("pruned_q8_0", pruned))}
+  for key in ("dense_q8_0", "pruned_q8_0"):  # llama.cpp's arithmetic alone: the same weights
+    agreement[f"{key}_vs_file_read_by_oba_jax"] = _agreement(
+        llama_cpp, paths[key], llama_gguf.load_llama(paths[key])[0], sentences)
   print(agreement, flush=True)
   print("llama.cpp speed", flush=True)
   prompt = encode(PROMPT)

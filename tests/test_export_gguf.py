@@ -178,6 +178,8 @@ def test_other_models_and_sources_are_refused(tmp_path):
                 tmp_path / "x.gguf", context_length=64)
   with pytest.raises(ExportError, match="dtype='q4_0' is not one of"):
     export_gguf(_tiny(), tmp_path / "x.gguf", dtype="q4_0")
+  with pytest.raises(ExportError, match="context_length=0 is not a positive int"):
+    export_gguf(_tiny(), tmp_path / "x.gguf", context_length=0)
   with pytest.raises(ExportError, match="context_length is needed"):
     export_gguf(_tiny(), tmp_path / "x.gguf")
   scaled = _write_source(tmp_path / "scaled.gguf", extra={"llama.rope.scaling.original_context_"

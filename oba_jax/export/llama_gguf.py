@@ -80,6 +80,9 @@ def export_gguf(model: Llama, path: str | os.PathLike, *, source: str | os.PathL
   """
   if dtype not in DTYPES:
     raise ExportError(f"dtype={dtype!r} is not one of {DTYPES}.")
+  if context_length is not None and (isinstance(context_length, bool) or not isinstance(
+      context_length, int) or context_length < 1):
+    raise ExportError(f"context_length={context_length!r} is not a positive int.")
   if not isinstance(model, Llama):
     raise ExportError(f"export_gguf writes an oba_jax.models.Llama; got a {type(model).__name__} "
                       "(GGUF files of other architectures are not written here).")
