@@ -202,6 +202,17 @@ def test_reader_refuses_per_layer_widths_llama_cpp_cannot_run():
       llama_gguf.llama_config(metadata)
 
 
+def test_llama_takes_per_layer_widths_or_says_what_is_wrong():
+  model = Llama(**dict(TINY, num_heads=[4, 2], num_kv_heads=[2, 1], ffn_dim=[32, 20]),
+                head_dim=8, rngs=nnx.Rngs(0))
+  assert model.layers[1].attn.q_proj.kernel.shape == (32, 16)
+  assert model.layers[1].mlp.gate_proj.kernel.shape == (32, 20)
+  with pytest.raises(ValueError, match=r"ffn_dim=\[32\] is neither an int nor 2 ints"):
+    Llama(**dict(TINY, ffn_dim=[32]), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="differs by layer: give head_dim"):
+    Llama(**dict(TINY, num_heads=[4, 2]), rngs=nnx.Rngs(0))
+
+
 # --- llama.cpp itself (skipped without llama-cpp-python) ---
 
 def _llama_cpp_logits(path, tokens) -> np.ndarray:
