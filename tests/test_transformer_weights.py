@@ -49,7 +49,7 @@ def _write_gguf(path, model: Llama, *, arch="llama", tied=True, quantize_embeddi
   if not tied:
     writer.add_tensor("output.weight", np.asarray(model.lm_head.kernel[...]).T.copy())
   for i, layer in enumerate(model.layers):
-    for name, (leaf, transpose) in llama_gguf._BLOCK_TENSORS.items():
+    for name, (leaf, transpose) in llama_gguf.BLOCK_TENSORS.items():
       node = layer
       for part in leaf.split("/"):
         node = getattr(node, part)

@@ -26,6 +26,7 @@ Attention layout, which the structure tracer and `oba_jax.surgery` rely on (no p
 """
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -138,25 +139,32 @@ class Llama(nnx.Module):
 
   Args:
     vocab_size, d_model, num_layers, num_heads, ffn_dim: sizes (SmolLM2-135M: 49152, 576, 30, 9,
-      1536).
+      1536). `num_heads`, `num_kv_heads` and `ffn_dim` may also be one value per layer (a pruned
+      model's widths, as a GGUF `deci` file holds them).
     num_kv_heads: key/value heads (grouped-query attention); defaults to `num_heads`.
-    head_dim: query/key/value head size; defaults to d_model // num_heads.
+    head_dim: query/key/value head size; defaults to d_model // num_heads (needed when the head
+      counts differ by layer).
     rope_theta: rotary base (SmolLM2: 1e5).
     norm_eps: RMSNorm epsilon.
     tie_embeddings: the head is the token embedding transposed (no `lm_head`).
     rngs: parameter initialisation.
   """
 
-  def __init__(self, *, vocab_size: int, d_model: int, num_layers: int, num_heads: int,
-               ffn_dim: int, num_kv_heads: int | None = None, head_dim: int | None = None,
+  def __init__(self, *, vocab_size: int, d_model: int, num_layers: int,
+               num_heads: int | Sequence[int], ffn_dim: int | Sequence[int],
+               num_kv_heads: int | Sequence[int] | None = None, head_dim: int | None = None,
                rope_theta: float = 10000.0, norm_eps: float = 1e-5, tie_embeddings: bool = True,
                rngs: nnx.Rngs):
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if head_dim is None and not isinstance(num_heads, int):
+      raise ValueError(f"num_heads={num_heads!r} differs by layer: give head_dim.")
+    heads, kv_heads, ffn = (_per_layer(name, value, num_layers) for name, value in (
+        ("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("ffn_dim", ffn_dim)))
     self.embed = nnx.Embed(vocab_size, d_model, embedding_init=nnx.initializers.normal(0.02),
                            rngs=rngs)
     self.layers = nnx.List([
-        LlamaBlock(d_model, num_heads, num_kv_heads, ffn_dim, head_dim, rope_theta=rope_theta,
-                   norm_eps=norm_eps, rngs=rngs) for _ in range(num_layers)
+        LlamaBlock(d_model, heads[i], kv_heads[i], ffn[i], head_dim, rope_theta=rope_theta,
+                   norm_eps=norm_eps, rngs=rngs) for i in range(num_layers)
     ])
     self.norm = nnx.RMSNorm(d_model, epsilon=norm_eps, rngs=rngs)
     self.lm_head = None if tie_embeddings else nnx.Linear(d_model, vocab_size, use_bias=False,
@@ -171,6 +179,16 @@ class Llama(nnx.Module):
       x = layer(x)
     x = self.norm(x)
     return self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+
+
+def _per_layer(name: str, value: int | Sequence[int], num_layers: int) -> tuple[int, ...]:
+  """One width per layer: `value` repeated, or `value` itself when it has one per layer."""
+  if isinstance(value, int):
+    return (value,) * num_layers
+  values = tuple(value)
+  if len(values) != num_layers or not all(isinstance(v, int) for v in values):
+    raise ValueError(f"{name}={value!r} is neither an int nor {num_layers} ints (one per layer).")
+  return values
 
 
 smollm2_135m = functools.partial(Llama, vocab_size=49152, d_model=576, num_layers=30, num_heads=9,

@@ -8,9 +8,13 @@ Every tensor is dequantized to float32 with `gguf.quants.dequantize` (Q4_1, Q8_0
 "dense" means the dequantized model, not the original bf16 one. GGUF stores a linear layer's
 weight as [out, in] (ggml's ne reversed), our kernels are [in, out]. The query and key weights are
 stored with each head's features in llama.cpp's interleaved rotary layout (pairs (2i, 2i + 1)),
-which is the layout `Llama` rotates, so they load unpermuted. Only `general.architecture ==
-"llama"` is accepted (SmolLM2, Llama 2/3, Mistral-style files); anything else is refused by name,
-as is a file whose tensors do not fit the sizes its metadata gives.
+which is the layout `Llama` rotates, so they load unpermuted. `general.architecture` must be
+"llama" (SmolLM2, Llama 2/3, Mistral-style files) or "deci" (llama.cpp's name for Llama layers of
+per-layer widths, `attention.head_count`, `head_count_kv` and `feed_forward_length` given as one
+value per layer: what `oba_jax.export.llama_gguf` writes for a pruned model); anything else is
+refused by name, as is a file whose tensors do not fit the sizes its metadata gives, a `llama`
+file whose widths differ by layer (llama.cpp would run it with layer 0's), and a `deci` file
+with attention-free, linear-attention or FFN-free layers (a width of 0).
 
 Needs the `gguf` package (pure Python and numpy) and, for the tokenizer, `tokenizers`.
 """
@@ -25,10 +29,10 @@ from oba_jax import files
 from oba_jax.models.llama import Llama, rope_frequencies
 from oba_jax.weights.fill import ArchitectureError, build, packaged_file
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "deci")
 
 # GGUF tensor names -> our leaf paths; {i} is the block index.
-_BLOCK_TENSORS = {
+BLOCK_TENSORS = {
     "attn_norm.weight": ("attn_norm/scale", False),
     "attn_q.weight": ("attn/q_proj/kernel", True),
     "attn_k.weight": ("attn/k_proj/kernel", True),
@@ -59,6 +63,11 @@ def _reader(path: str | os.PathLike):
     raise _damaged(path, error) from None
 
 
+def gguf_reader(path: str | os.PathLike):
+  """A `gguf.GGUFReader` of `path`; a missing, damaged or unreadable file is named clearly."""
+  return _reader(path)[1]
+
+
 def _damaged(path, error: BaseException | str):
   return files.damaged(path, "a GGUF file", error, "It is cut short (an interrupted download "
                        "or copy), overwritten, or not a GGUF file: reinstall it (pip install "
@@ -73,38 +82,72 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def llama_config(metadata: dict[str, Any], *, source: str = "GGUF file") -> dict[str, Any]:
-  """`Llama(**config)` for a GGUF file's metadata; refuses other architectures by name."""
+  """`Llama(**config)` for a GGUF file's metadata; refuses other architectures by name.
+
+  `num_heads`, `num_kv_heads` and `ffn_dim` are ints, or lists (one per layer) when a `deci` file's
+  widths differ by layer.
+  """
   arch = metadata.get("general.architecture")
   if arch not in SUPPORTED_ARCHITECTURES:
     raise ArchitectureError(f"{source} holds a {arch!r} model; only {SUPPORTED_ARCHITECTURES} "
                             "(Llama-family decoders) can be loaded into oba_jax.models.Llama.")
 
+  def positive(key, value, kind=int):
+    try:
+      number = kind(value)
+    except (TypeError, ValueError):
+      number = None
+    if number is None or number <= 0:
+      raise ArchitectureError(f"{source}: metadata {arch}.{key} = {value!r} is not a positive "
+                              f"{kind.__name__}; the file is damaged.")
+    return number
+
   def get(key, default=None, kind=int):
     value = metadata.get(f"{arch}.{key}", default)
     if value is None:
       raise ArchitectureError(f"{source} lacks the metadata key {arch}.{key!r}.")
-    try:
-      value = kind(value)
-    except (TypeError, ValueError):
-      value = None
-    if value is None or value <= 0:
-      given = metadata.get(f"{arch}.{key}")
-      raise ArchitectureError(f"{source}: metadata {arch}.{key} = {given!r} is not a positive "
-                              f"{kind.__name__}; the file is damaged.")
-    return value
+    return positive(key, value, kind)
 
-  num_heads = get("attention.head_count")
+  num_layers = get("block_count")
+
+  def per_layer(key, default=None):
+    """An int, or a list when the widths differ by layer (each checked, named by layer)."""
+    value = metadata.get(f"{arch}.{key}", default)
+    if not isinstance(value, (list, tuple)):
+      return get(key, default)
+    if len(value) != num_layers:
+      raise ArchitectureError(f"{source}: metadata {arch}.{key} has {len(value)} values for "
+                              f"{num_layers} layers; the file is damaged.")
+    empty = [i for i, v in enumerate(value) if isinstance(v, int) and v == 0]
+    if empty:
+      raise ArchitectureError(f"{source}: {arch}.{key} is 0 in layers {empty[:6]} (layers "
+                              "without attention, with linear attention or without FFN), which "
+                              "oba_jax.models.Llama does not have.")
+    values = [positive(f"{key}[{i}]", v) for i, v in enumerate(value)]
+    if len(set(values)) == 1:
+      return values[0]
+    if arch == "llama":
+      raise ArchitectureError(f"{source}: {arch}.{key} differs by layer ({values[:6]} ...), which "
+                              "llama.cpp's 'llama' architecture cannot run (it builds every layer "
+                              "with layer 0's widths); per-layer widths belong in a 'deci' file.")
+    return values
+
+  num_heads = per_layer("attention.head_count")
   d_model = get("embedding_length")
-  head_dim = get("attention.key_length", d_model // num_heads)
+  first_heads = num_heads if isinstance(num_heads, int) else num_heads[0]
+  head_dim = get("attention.key_length", d_model // first_heads)
+  if get("attention.value_length", head_dim) != head_dim:
+    raise ArchitectureError(f"{source}: value head size {get('attention.value_length')} differs "
+                            f"from the key head size {head_dim}; not supported.")
   if int(get("rope.dimension_count", head_dim)) != head_dim:
     raise ArchitectureError(f"{source}: partial rotary embeddings (rope.dimension_count "
                             f"{get('rope.dimension_count')} < head size {head_dim}) are not "
                             "supported.")
   tokens = metadata.get("tokenizer.ggml.tokens")
   vocab = int(metadata.get(f"{arch}.vocab_size", len(tokens) if tokens is not None else 0))
-  return dict(vocab_size=vocab, d_model=d_model, num_layers=get("block_count"),
-              num_heads=num_heads, num_kv_heads=get("attention.head_count_kv", num_heads),
-              ffn_dim=get("feed_forward_length"), head_dim=head_dim,
+  return dict(vocab_size=vocab, d_model=d_model, num_layers=num_layers,
+              num_heads=num_heads, num_kv_heads=per_layer("attention.head_count_kv", num_heads),
+              ffn_dim=per_layer("feed_forward_length"), head_dim=head_dim,
               rope_theta=get("rope.freq_base", 10000.0, float),
               norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5, float))
 
@@ -142,9 +185,9 @@ def load_llama(path: str | os.PathLike) -> tuple[Llama, dict[str, Any]]:
       target, transpose = "norm/scale", False
     elif name == "output.weight":
       target, transpose = "lm_head/kernel", True
-    elif name.startswith("blk.") and name.split(".", 2)[2] in _BLOCK_TENSORS:
+    elif name.startswith("blk.") and name.split(".", 2)[2] in BLOCK_TENSORS:
       _, index, rest = name.split(".", 2)
-      leaf, transpose = _BLOCK_TENSORS[rest]
+      leaf, transpose = BLOCK_TENSORS[rest]
       target = f"layers/{index}/{leaf}"
     else:
       raise ArchitectureError(f"{source}: tensor {name!r} has no place in oba_jax.models.Llama "
