@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from oba_jax import masks, plan, structure, surgery
+from oba_jax.export import head_size_groups
 from oba_jax.export import huggingface as hf
 from oba_jax.models import Bert, Llama
 from oba_jax.models.llama import apply_rope, rope_frequencies
@@ -24,12 +25,6 @@ TORCH_ATOL = 1e-5
 
 def _tokens(shape=(2, 9), seed=0):
   return jnp.asarray(np.random.RandomState(seed).randint(0, TINY["vocab_size"], shape))
-
-
-def _head_size_groups(traced):
-  """Rotary pairs (k_proj@1.1) and value features (v_proj@1.1): what changes the head size."""
-  return [g.name for g in traced.groups if g.name.endswith(("k_proj/kernel@1.1",
-                                                            "v_proj/kernel@1.1"))]
 
 
 def _pruned(removed_in_layer, seed=0):
@@ -57,7 +52,7 @@ def _uniform_selected():
   rng = np.random.RandomState(0)
   scores = {g.name: rng.rand(g.size) for g in traced.groups}
   chosen = plan.select(traced, scores, target=plan.KeptParams(0.8), scope="uniform",
-                       frozen=_head_size_groups(traced))
+                       frozen=head_size_groups(traced, model))
   return surgery.compact(masks.apply(model, chosen), chosen)
 
 
@@ -225,7 +220,7 @@ def test_smollm2_in_transformers(tmp_path, smollm2, kind):
     traced = structure.trace(model, tokens, ignore=("embed",))
     magnitude = {g.name: np.arange(g.size, dtype=float)[::-1] for g in traced.groups}
     chosen = plan.select(traced, magnitude, target=plan.KeptParams(0.9), scope="uniform",
-                         frozen=_head_size_groups(traced))
+                         frozen=head_size_groups(traced, model))
     model = surgery.compact(masks.apply(model, chosen), chosen)
   hf.export_llama_hf(model, tmp_path / "m", tokenizer=tokenizer,
                      source_config={**config, **hf.gguf_settings(path)})

@@ -37,6 +37,7 @@ import safetensors.numpy
 from flax import nnx
 
 from oba_jax import files
+from oba_jax.export.llama_gguf import ExportError
 from oba_jax.models.llama import Llama, rope_frequencies
 from oba_jax.weights.fill import ArchitectureError, build
 
@@ -60,10 +61,6 @@ _BLOCK = {  # our leaf under layers/{i}/ -> Hugging Face name under model.layers
     "mlp/down_proj/kernel": "mlp.down_proj.weight",
 }
 _DEFAULT_CONTEXT = 2048  # max_position_embeddings when the source does not say
-
-
-class ExportError(ValueError):
-  """A model that the target format cannot hold as it is (said why, before anything is written)."""
 
 
 def to_rotate_half(weight: np.ndarray, heads: int) -> np.ndarray:
