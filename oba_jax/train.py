@@ -247,6 +247,9 @@ def finetune(
     raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}.")
   if loss is not None and not isinstance(loss, Loss):
     raise TypeError(f"loss must be a train.Loss(fn, metrics), got {type(loss).__name__}.")
+  reserved = {"loss", "steps", "first_nonfinite"} & set(loss.metrics if loss else ())
+  if reserved:
+    raise ValueError(f"Loss.metrics may not be named {sorted(reserved)} (the loop's own sums).")
   if loss is not None and eval_batches is not None:
     raise ValueError("eval_batches are evaluated as a classifier's; with a loss, evaluate "
                      "the returned model instead.")
