@@ -1,4 +1,4 @@
-"""Fine-tuning of Flax NNX classifiers: optax SGD, masks kept, exact resumption.
+"""Fine-tuning of Flax NNX models: optax SGD or AdamW, masks kept, exact resumption.
 
 `finetune` runs one jitted step per batch from a Python loop (on XLA:CPU,
 convolution gradients inside `lax.scan` run 30-60x slower). Each batch is
@@ -16,6 +16,12 @@ to host before `save` returns (so the next step may donate them) and writes
 each checkpoint atomically, so a run killed at any point and restarted resumes
 from its latest checkpoint and ends with the same parameters, bit for bit on
 the same devices, as a run that was never interrupted.
+
+The loss is softmax cross-entropy of a classifier by default; `loss=Loss(fn,
+metrics)` trains on any `fn(model, batch) -> (loss, {metric: per-batch value})`,
+e.g. the next-token loss of a language model (`oba_jax.recovery`). Only the
+model's `nnx.Param`s are trained: a module that keeps other weights in another
+variable type (`oba_jax.lora.Adapted`) trains its adapters alone.
 
 The configuration (`TrainConfig`) and the optimizer it builds live in
 `oba_jax.train_config` and are importable from here.
@@ -52,8 +58,23 @@ from oba_jax.train_config import (SCHEDULES, TrainConfig, learning_rate_schedule
                                   make_optimizer)
 
 PyTree = Any
-__all__ = ["TrainConfig", "TrainState", "evaluate", "finetune", "learning_rate_schedule",
+__all__ = ["Loss", "TrainConfig", "TrainState", "evaluate", "finetune", "learning_rate_schedule",
            "make_optimizer", "make_train_step"]
+
+
+class Loss(NamedTuple):
+  """A training loss other than classification's.
+
+  Attributes:
+    fn: `fn(model, batch) -> (loss, metrics)`: the scalar loss of the model (in
+      training mode) on one batch, and {name: scalar} per-batch values whose means
+      over the steps since the last record are recorded next to the loss.
+    metrics: the names of `fn`'s metrics, in a fixed order (the checkpointed sums
+      have them from the start).
+  """
+
+  fn: Callable[[nnx.Module, PyTree], tuple[jax.Array, dict[str, jax.Array]]]
+  metrics: tuple[str, ...] = ()
 
 
 class TrainState(NamedTuple):
@@ -63,9 +84,10 @@ class TrainState(NamedTuple):
     params: the model's `nnx.Param`s.
     model_state: its other variables (BatchNorm statistics, RNG streams).
     opt_state: the optimizer state.
-    sums: training loss, correct predictions, examples and steps since the last record,
-      and `first_nonfinite`: the first of those steps (counted from 1) whose loss or
-      updated parameters were NaN or Inf, 0 if none was.
+    sums: training loss, correct predictions and examples (classification) or the
+      `Loss`'s metrics, and steps since the last record, and `first_nonfinite`: the
+      first of those steps (counted from 1) whose loss or updated parameters were NaN
+      or Inf, 0 if none was.
   """
 
   params: PyTree
@@ -74,45 +96,72 @@ class TrainState(NamedTuple):
   sums: dict[str, jax.Array]
 
 
-def _zero_sums() -> dict[str, jax.Array]:
+def _zero_sums(loss: Loss | None = None) -> dict[str, jax.Array]:
+  metrics = ({"correct": jnp.zeros((), jnp.int32), "examples": jnp.zeros((), jnp.int32)}
+             if loss is None else {name: jnp.zeros((), jnp.float32) for name in loss.metrics})
   return {
       "loss": jnp.zeros((), jnp.float32),
-      "correct": jnp.zeros((), jnp.int32),
-      "examples": jnp.zeros((), jnp.int32),
+      **metrics,
       "steps": jnp.zeros((), jnp.int32),
       "first_nonfinite": jnp.zeros((), jnp.int32),
   }
 
 
+def _classification(model: nnx.Module, batch: PyTree) -> tuple[jax.Array, dict]:
+  """Softmax cross-entropy, correct predictions and examples (the default loss)."""
+  logits = model(batch["image"])
+  correct = jnp.sum(jnp.argmax(logits, -1) == batch["label"], dtype=jnp.int32)
+  return (softmax_cross_entropy(logits, batch["label"]),
+          {"correct": correct, "examples": batch["label"].shape[0]})
+
+
+def _summary(sums: dict, loss: Loss | None) -> dict[str, float]:
+  """The record of `sums`: mean loss, and accuracy or each metric's mean over the steps."""
+  steps = int(sums["steps"])
+  out = {"loss": float(sums["loss"] / steps)}
+  if loss is None:
+    out["accuracy"] = float(sums["correct"] / sums["examples"])
+  else:
+    out.update({name: float(sums[name] / steps) for name in loss.metrics})
+  return out
+
+
 def make_train_step(
-    graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, mesh: Mesh
+    graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, mesh: Mesh,
+    loss: Loss | None = None,
 ) -> Callable[..., TrainState]:
-  """A jitted `step(state, batch, mask=None) -> state` on softmax cross-entropy.
+  """A jitted `step(state, batch, mask=None) -> state` on softmax cross-entropy or `loss`.
 
   `graphdef` is the model's in training mode, so BatchNorm normalises with the
   batch statistics and updates its running averages, which the new state
-  carries. `batch` is `{"image", "label"}`, sharded over `mesh`
-  (`estimate.shard_batch`); the state is donated and comes back replicated.
+  carries. `batch` is `{"image", "label"}` (or what `loss` reads), sharded over
+  `mesh` (`estimate.shard_batch`); the state is donated and comes back replicated.
   A `mask` (True = kept, replicated) wraps `optimizer` in `masks.keep_pruned`
   inside the step: as an argument rather than a constant, so one compilation
   serves every mask of the same shapes (every fine-tune of a pruning run).
   """
 
+  objective = _classification if loss is None else loss.fn
+
   def train_step(state: TrainState, batch: PyTree, mask: PyTree | None = None) -> TrainState:
     def loss_fn(params):
       model = nnx.merge(graphdef, nnx.State(params), nnx.State(state.model_state), copy=True)
-      logits = model(batch["image"])
+      value, metrics = objective(model, batch)
       model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
-      return softmax_cross_entropy(logits, batch["label"]), (logits, model_state)
+      return value, (metrics, model_state)
 
-    (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (value, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
     tx = optimizer if mask is None else masks.keep_pruned(optimizer, mask)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    correct = jnp.sum(jnp.argmax(logits, -1) == batch["label"], dtype=jnp.int32)
-    batch_sums = {"loss": loss, "correct": correct, "examples": batch["label"].shape[0], "steps": 1}
-    sums = {name: state.sums[name] + value for name, value in batch_sums.items()}
-    finite = jnp.isfinite(loss) & jnp.all(
+    if loss is not None and sorted(metrics) != sorted(loss.metrics):
+      raise ValueError(f"the loss returned metrics {sorted(metrics)}, but Loss.metrics names "
+                       f"{sorted(loss.metrics)}.")
+    batch_sums = {"loss": value, **metrics, "steps": 1}
+    sums = {name: state.sums[name] + jnp.asarray(v, state.sums[name].dtype)
+            for name, v in batch_sums.items()}
+    finite = jnp.isfinite(value) & jnp.all(
         jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
     first = state.sums["first_nonfinite"]
     sums["first_nonfinite"] = jnp.where((first == 0) & ~finite, sums["steps"], first)
@@ -123,11 +172,13 @@ def make_train_step(
 
 
 @functools.lru_cache(maxsize=8)
-def _optimizer_and_step(graphdef: nnx.GraphDef, config: TrainConfig, mesh: Mesh):
+def _optimizer_and_step(graphdef: nnx.GraphDef, config: TrainConfig, mesh: Mesh,
+                        loss: Loss | None = None):
   """`config`'s optimizer and its `make_train_step`, built once per (model structure, recipe,
-  mesh): the fine-tunes of a pruning run differ only in their masks, arguments of the step."""
+  mesh, loss): the fine-tunes of a pruning run differ only in their masks, arguments of the
+  step."""
   optimizer = make_optimizer(config, config.total_steps)
-  return optimizer, make_train_step(graphdef, optimizer, mesh)
+  return optimizer, make_train_step(graphdef, optimizer, mesh, loss)
 
 
 def finetune(
@@ -142,14 +193,17 @@ def finetune(
     extra_state: dict | None = None,
     progress: bool = True,
     desc: str = "finetune",
+    loss: Loss | None = None,
 ) -> tuple[nnx.Module, list[dict]]:
-  """Fine-tunes `model` with softmax cross-entropy, resuming from `workdir` if it holds a run.
+  """Fine-tunes `model` with softmax cross-entropy or `loss`, resuming from `workdir` if it
+  holds a run.
 
   Each step is `make_train_step` on one batch; `config` says how many, with
   which optimizer (`make_optimizer`). With a mask, the masked entries are set
   to 0 at the start and stay exactly 0. Records are appended to
-  `workdir/metrics.jsonl`: `{"step", "loss", "accuracy", "lr", "time"}` every
-  `config.log_every` steps (means since the previous record), and
+  `workdir/metrics.jsonl`: `{"step", "loss", "accuracy", "lr", "time"}` (with
+  `loss`: its metrics instead of the accuracy) every `config.log_every` steps
+  (means since the previous record), and
   `{"step", "eval_accuracy", "eval_loss", "eval_count", "time"}` after each
   evaluation.
 
@@ -163,8 +217,10 @@ def finetune(
   `extra_state`) is an error, and nothing is written.
 
   Args:
-    model: the classifier; left as it is (the result is a new module).
-    train_batches: this process's shard of each batch `{"image", "label"}`, at
+    model: the classifier (or the model `loss` trains); left as it is (the result is
+      a new module).
+    train_batches: this process's shard of each batch `{"image", "label"}` (or the
+      dict of arrays `loss` reads, all with the batch as leading axis), at
       least as many as the run's steps. A grain iterator (`oba_jax.data.load`)
       or any iterator with JSON-able `get_state()`/`set_state(state)` resumes
       exactly.
@@ -179,6 +235,8 @@ def finetune(
       plan and widths that rebuild the model); see `read_extra_state`.
     progress: show a progress bar with rate and ETA (on process 0).
     desc: the progress bar's label, e.g. the stage and criterion.
+    loss: what to minimise instead of softmax cross-entropy (no `eval_batches` then:
+      those are evaluated as a classifier's).
 
   Returns:
     The fine-tuned model in inference mode, and all records of the run.
@@ -187,6 +245,14 @@ def finetune(
     raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}.")
   if not isinstance(model, nnx.Module):
     raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}.")
+  if loss is not None and not isinstance(loss, Loss):
+    raise TypeError(f"loss must be a train.Loss(fn, metrics), got {type(loss).__name__}.")
+  reserved = {"loss", "steps", "first_nonfinite"} & set(loss.metrics if loss else ())
+  if reserved:
+    raise ValueError(f"Loss.metrics may not be named {sorted(reserved)} (the loop's own sums).")
+  if loss is not None and eval_batches is not None:
+    raise ValueError("eval_batches are evaluated as a classifier's; with a loss, evaluate "
+                     "the returned model instead.")
   replay_eval = None if eval_batches is None else runs.replayable(eval_batches)
   if (config.eval_every is not None or config.eval_at) and eval_batches is None:
     raise ValueError(f"config.eval_every={config.eval_every} and config.eval_at="
@@ -203,8 +269,9 @@ def finetune(
     if mask is not None:
       mask = replicate(jax.tree.map(jnp.asarray, mask), mesh)
       params = masks.apply(params, mask)
-    optimizer, train_step = _optimizer_and_step(graphdef, config, mesh)  # the step masks
-    state = replicate(TrainState(params, model_state, optimizer.init(params), _zero_sums()), mesh)
+    optimizer, train_step = _optimizer_and_step(graphdef, config, mesh, loss)  # the step masks
+    state = replicate(
+        TrainState(params, model_state, optimizer.init(params), _zero_sums(loss)), mesh)
     if rundir.start:
       state = rundir.restore(state, batches)
     if not isinstance(batches, grain.DatasetIterator):  # yields the same batches again: skip
@@ -229,6 +296,7 @@ def finetune(
         progress=progress,
         workdir=rundir.workdir,
         desc=desc,
+        loss=loss,
     )
     rundir.wait_until_finished()
   trained = nnx.merge(eval_graphdef, nnx.State(state.params), nnx.State(state.model_state))
@@ -249,6 +317,7 @@ def _train(
     progress: bool,
     workdir: str,
     desc: str = "finetune",
+    loss: Loss | None = None,
 ) -> TrainState:
   """The loop from step `start` to the end: steps, records, evaluations and checkpoints.
 
@@ -263,10 +332,10 @@ def _train(
       batch = next(batches, None)
       if batch is None:
         raise ValueError(f"train_batches ran out after {step - 1} of the run's {total} steps.")
-      _check_batch(batch, config.batch_size)
-      state = train_step(
-          state, shard_batch({"image": batch["image"], "label": batch["label"]}, mesh)
-      )
+      _check_batch(batch, config.batch_size, loss)
+      if loss is None:
+        batch = {"image": batch["image"], "label": batch["label"]}
+      state = train_step(state, shard_batch(batch, mesh))
       pace(step - start, state)
       bar.update()
       logs = step % config.log_every == 0 or step == total
@@ -275,11 +344,10 @@ def _train(
         sums = jax.device_get(state.sums)
         _check_finite(sums, step, config, schedule, workdir)
       if logs:
-        state = state._replace(sums=replicate(_zero_sums(), mesh))
-        loss = float(sums["loss"] / sums["steps"])
-        record({"step": step, "loss": loss, "accuracy": float(sums["correct"] / sums["examples"]),
-                "lr": float(schedule(step - 1)), "time": time.time()})
-        bar.set_postfix(loss=f"{loss:.4f}")
+        state = state._replace(sums=replicate(_zero_sums(loss), mesh))
+        summary = _summary(sums, loss)
+        record({"step": step, **summary, "lr": float(schedule(step - 1)), "time": time.time()})
+        bar.set_postfix(loss=f"{summary['loss']:.4f}")
       if evaluate_state is not None and (
           step == total or step in config.eval_at
           or (config.eval_every and step % config.eval_every == 0)):
@@ -304,15 +372,23 @@ def _check_finite(sums: dict, step: int, config: TrainConfig, schedule: optax.Sc
       "or check the data; a rerun resumes from the last checkpoint.")
 
 
-def _check_batch(batch: PyTree, batch_size: int) -> None:
+def _check_batch(batch: PyTree, batch_size: int, loss: Loss | None = None) -> None:
   """Raises ValueError unless `batch` is this process's share of a `batch_size` batch."""
-  if not isinstance(batch, Mapping) or not {"image", "label"} <= batch.keys():
+  needed = {"image", "label"} if loss is None else set()
+  if not isinstance(batch, Mapping) or not needed <= batch.keys() or not batch:
     keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-    raise ValueError(f"a training batch must be a dict with 'image' and 'label', got {keys}.")
-  size = len(batch["label"]) * jax.process_count()
+    wanted = "'image' and 'label'" if loss is None else "arrays"
+    raise ValueError(f"a training batch must be a dict with {wanted}, got {keys}.")
+  leaves = [batch["label"]] if loss is None else jax.tree.leaves(batch)
+  rows = {len(x) for x in leaves}
+  if len(rows) != 1:
+    raise ValueError(f"the arrays of a training batch have {sorted(rows)} rows; one number "
+                     "expected (the batch).")
+  local = rows.pop()
+  size = local * jax.process_count()
   if size != batch_size:
     raise ValueError(
-        f"a batch of {len(batch['label'])} examples on each of "
+        f"a batch of {local} examples on each of "
         f"{jax.process_count()} processes is {size}, not config.batch_size="
         f"{batch_size}."
     )

@@ -11,6 +11,7 @@ import collections
 import dataclasses
 from typing import Any
 
+import jax.numpy as jnp
 import optax
 
 from oba_jax import masks
@@ -18,11 +19,18 @@ from oba_jax.validate import check_choice
 
 PyTree = Any
 SCHEDULES = ("multistep", "cosine")
+OPTIMIZERS = ("sgd", "adamw")
 
 
 def _bookkeeping(default):
   """A config field that does not change the result, so a resumed run may change it."""
   return dataclasses.field(default=default, metadata={"bookkeeping": True})
+
+
+def _later(default):
+  """A field added after runs were checkpointed: left out of `identity` at its default, so those
+  runs (which had its default behaviour) still resume."""
+  return dataclasses.field(default=default, metadata={"later": True})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,16 +39,22 @@ class TrainConfig:
 
   The defaults are the paper code's fine-tuning recipe: SGD with learning rate
   1e-3, momentum 0.9, weight decay 1e-4 on all parameters, the learning rate
-  times 0.1 at 50% and 75% of the run, batches of 64.
+  times 0.1 at 50% and 75% of the run, batches of 64. Language-model recovery
+  uses `optimizer="adamw"` with a warmup and the cosine schedule.
 
   Attributes:
     steps: the run's length in steps; or give `epochs` and `steps_per_epoch`.
     epochs: the run's length in epochs of `steps_per_epoch` steps.
     steps_per_epoch: batches per epoch (with `epochs` only).
     batch_size: examples per step, over all processes.
-    learning_rate: the initial learning rate.
-    momentum: SGD momentum, in [0, 1).
-    weight_decay: L2 coefficient added to every gradient, as torch.optim.SGD does.
+    learning_rate: the initial learning rate (the peak one after a warmup).
+    optimizer: "sgd" (torch.optim.SGD with momentum) or "adamw" (optax.adamw).
+    momentum: SGD momentum, in [0, 1) (with "sgd" only).
+    weight_decay: with "sgd", the L2 coefficient added to every gradient, as
+      torch.optim.SGD does; with "adamw", the decoupled decay (times the learning rate).
+    betas: AdamW's (b1, b2), each in [0, 1).
+    warmup_steps: steps over which the learning rate rises linearly from
+      learning_rate / warmup_steps to the schedule's value (0: none).
     schedule: "multistep" (PyTorch's MultiStepLR) or "cosine" (decay to 0 at the end).
     milestones: with "multistep", where the learning rate is multiplied by
       `gamma`, as fractions of the run in (0, 1), increasing. PyTorch's epoch
@@ -59,8 +73,11 @@ class TrainConfig:
   steps_per_epoch: int | None = None
   batch_size: int = 64
   learning_rate: float = 1e-3
+  optimizer: str = _later("sgd")
   momentum: float = 0.9
   weight_decay: float = 1e-4
+  betas: tuple[float, float] = _later((0.9, 0.999))
+  warmup_steps: int = _later(0)
   schedule: str = "multistep"
   milestones: tuple[float, ...] = (0.5, 0.75)
   gamma: float = 0.1
@@ -73,6 +90,7 @@ class TrainConfig:
   def __post_init__(self):
     object.__setattr__(self, "milestones", tuple(self.milestones))
     object.__setattr__(self, "eval_at", tuple(self.eval_at))
+    object.__setattr__(self, "betas", tuple(self.betas))
     _check_config(self)
 
   @property
@@ -80,11 +98,13 @@ class TrainConfig:
     return self.steps if self.steps is not None else self.epochs * self.steps_per_epoch
 
   def identity(self) -> dict[str, Any]:
-    """The fields that determine the trained parameters (all but the bookkeeping)."""
+    """The fields that determine the trained parameters (all but the bookkeeping; fields
+    added later only when they differ from their default)."""
     return {
         f.name: getattr(self, f.name)
         for f in dataclasses.fields(self)
         if not f.metadata.get("bookkeeping")
+        and not (f.metadata.get("later") and getattr(self, f.name) == f.default)
     }
 
 
@@ -121,6 +141,12 @@ def _check_config(config: TrainConfig) -> None:
   if not config.weight_decay >= 0:
     raise ValueError(f"weight_decay={config.weight_decay} must be >= 0.")
   check_choice("schedule", config.schedule, SCHEDULES)
+  check_choice("optimizer", config.optimizer, OPTIMIZERS)
+  if len(config.betas) != 2 or not all(0 <= b < 1 for b in config.betas):
+    raise ValueError(f"betas={config.betas!r} must be two numbers in [0, 1).")
+  if isinstance(config.warmup_steps, bool) or not isinstance(config.warmup_steps, int) or (
+      config.warmup_steps < 0):
+    raise ValueError(f"warmup_steps={config.warmup_steps!r} must be an integer >= 0.")
   fractions = config.milestones
   if not all(0 < f < 1 for f in fractions) or any(a >= b for a, b in zip(fractions, fractions[1:])):
     raise ValueError(f"milestones={fractions} must be increasing fractions of the run, in (0, 1).")
@@ -135,24 +161,35 @@ def learning_rate_schedule(config: TrainConfig, total_steps: int) -> optax.Sched
   if total_steps < 1:
     raise ValueError(f"total_steps={total_steps} must be a positive integer.")
   if config.schedule == "cosine":
-    return optax.cosine_decay_schedule(config.learning_rate, total_steps)
-  scales = collections.defaultdict(lambda: 1.0)  # two milestones may round to one step
-  for fraction in config.milestones:
-    scales[round(fraction * total_steps)] *= config.gamma
-  return optax.piecewise_constant_schedule(config.learning_rate, dict(scales))
+    schedule = optax.cosine_decay_schedule(config.learning_rate, total_steps)
+  else:
+    scales = collections.defaultdict(lambda: 1.0)  # two milestones may round to one step
+    for fraction in config.milestones:
+      scales[round(fraction * total_steps)] *= config.gamma
+    schedule = optax.piecewise_constant_schedule(config.learning_rate, dict(scales))
+  if not config.warmup_steps:
+    return schedule
+  warmup = config.warmup_steps
+  return lambda step: schedule(step) * jnp.minimum(1.0, (step + 1) / warmup)
 
 
 def make_optimizer(
     config: TrainConfig, total_steps: int, mask: PyTree | None = None
 ) -> optax.GradientTransformation:
-  """SGD with momentum and weight decay as in torch.optim.SGD; masked entries never move.
+  """SGD as torch.optim.SGD, or AdamW; masked entries never move.
 
-  Adding `weight_decay * params` to the gradient before the momentum gives
-  PyTorch's update: b = momentum * b + g + weight_decay * p; p -= lr * b.
-  With a mask (True = kept), the optimizer is wrapped in `masks.keep_pruned`.
+  For SGD, adding `weight_decay * params` to the gradient before the momentum
+  gives PyTorch's update: b = momentum * b + g + weight_decay * p; p -= lr * b.
+  AdamW is `optax.adamw` (decoupled decay). With a mask (True = kept), the
+  optimizer is wrapped in `masks.keep_pruned`.
   """
-  tx = optax.chain(
-      optax.add_decayed_weights(config.weight_decay),
-      optax.sgd(learning_rate_schedule(config, total_steps), momentum=config.momentum),
-  )
+  schedule = learning_rate_schedule(config, total_steps)
+  if config.optimizer == "adamw":
+    b1, b2 = config.betas
+    tx = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=config.weight_decay)
+  else:
+    tx = optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(schedule, momentum=config.momentum),
+    )
   return tx if mask is None else masks.keep_pruned(tx, mask)

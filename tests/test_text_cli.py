@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from oba_jax.data import wordnet
-from oba_jax.experiments import minilm_wordnet, smollm2_wordnet
+from oba_jax.experiments import minilm_wordnet, smollm2_wordnet, text_report
 from oba_jax.files import DamagedFileError
 
 
@@ -218,3 +218,54 @@ def test_a_full_disk_is_one_paragraph_naming_the_workdir_and_the_rerun_finishes(
       assert len(json.load(f)["runs"]) == 4
   finally:
     subprocess.run(["umount", str(disk)], check=False)
+
+
+def _run_flat(workdir, **overrides):
+  config = smollm2_wordnet.get_config()
+  config.update(smoke=True, progress=False)
+  config.update_from_flattened_dict(overrides)
+  return smollm2_wordnet.run(config, str(workdir))
+
+
+def test_smollm2_smoke_preset_packs_both_corpora_recovers_and_resumes(tmp_path):
+  results = _run_flat(tmp_path, preset="issue23", criteria="random")
+  assert results["config"]["sequence_length"] == 16  # the preset, shrunk by smoke mode
+  assert results["info"]["held_out_sequences"] == {"wordnet": 8, "python_docs": 8}
+  assert results["dense"]["tokens_python_docs"] == 8 * 15 >= 120
+  for row in results["runs"]:
+    assert {"perplexity_wordnet", "perplexity_python_docs", "peak_rss_bytes"} <= row.keys()
+    after = row["after_recovery"]
+    assert row["recovery_seconds"] > 0 and row["recovery"]["mode"] == "lora"
+    assert after["perplexity"] == after["perplexity_wordnet"] != row["perplexity"]
+  table = text_report.table(results)
+  assert "recovered" in table.splitlines()[0]
+  stamps = {p: os.path.getmtime(tmp_path / "recovered" / p)
+            for p in os.listdir(tmp_path / "recovered")}
+  assert len(stamps) == 2
+  again = _run_flat(tmp_path, preset="issue23", criteria="random")  # resumes: nothing recomputed
+  assert {p: os.path.getmtime(tmp_path / "recovered" / p) for p in stamps} == stamps
+  assert [r["after_recovery"] for r in again["runs"]] == [r["after_recovery"]
+                                                          for r in results["runs"]]
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ({"eval_corpora": "wordnet,novels"}, "eval_corpora"),
+    ({"eval_corpora": "python_docs"}, "sequence_length"),
+    ({"recovery.mode": "qlora"}, "recovery.mode"),
+    ({"recovery.mode": "lora", "recovery.distill_weight": 2.0}, "distill_weight"),
+    ({"preset": "issue99"}, "preset"),
+    ({"sequence_length": 1}, "sequence_length"),
+])
+def test_smollm2_recovery_and_corpus_settings_fail_before_work(tmp_path, overrides, named):
+  with pytest.raises(ValueError, match=named):
+    _run_flat(tmp_path / "w", criteria="random", **overrides)
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_preset_leaves_keys_set_by_hand():
+  config = smollm2_wordnet.get_config()
+  config.preset = "issue23"
+  config.targets = "0.5"
+  config = smollm2_wordnet.apply_preset(config)
+  assert config.targets == "0.5" and config.sequence_length == 128
+  assert config.recovery.mode == "lora"

@@ -18,9 +18,35 @@ cross-entropy on the calibration batches. The token embedding (tied to the head)
 model width, is never pruned; groups are kv groups, query heads within a kv group, rotary pairs,
 value features within heads and SwiGLU units (`--config.prune` restricts them).
 
+**Packed text** (`sequence_length` > 0): calibration batches are `calibration_batches` x
+`batch_size` sequences of exactly `sequence_length` tokens, the calibration texts (of
+`calibration_corpus`) concatenated with an end-of-text separator in an order drawn from each
+calibration seed (`oba_jax.data.text.pack`); held-out perplexity is measured on at least
+`held_out_tokens` next-token targets of each corpus in `eval_corpora`, packed the same way in an
+order drawn from `split_seed`. The corpora are WordNet and the Python 3.11 documentation
+(`oba_jax.data.python_docs`, `apt-get install python3.11-doc`, split by file with `docs_held_out`
+and `split_seed`). Each row then has `perplexity_<corpus>` for every corpus; `perplexity` is
+the first corpus's.
+
+**Recovery** (`recovery.mode` full or lora): after pruning each (criterion, seed, target), the
+compacted model is fine-tuned on `recovery.sequences` packed calibration sequences of the
+calibration seed (`oba_jax.recovery`: AdamW, warmup and schedule, LoRA adapters merged back,
+optional distillation from the dense model with `recovery.distill_weight`), then evaluated
+again: rows get `after_recovery` and `recovery_seconds`. A killed run resumes mid-recovery.
+
+**The issue-23 evaluation** is `--config.preset=issue23`: 128 calibration sequences of 128
+tokens, >= 20k held-out tokens of WordNet and of the Python docs, three calibration seeds,
+targets 0.9, 0.8, 0.7 and LoRA recovery (keys set on the command line win over the preset):
+
+  python -m oba_jax.experiments.smollm2_wordnet --workdir=/tmp/s23 --config.preset=issue23
+
 Smoke mode (`--config.smoke=True`) runs a tiny random Llama on UTF-8 bytes: no download, and
-WordNet only if installed (a few built-in sentences otherwise).
+WordNet and the Python docs only if installed (a few built-in sentences and paragraphs
+otherwise); sizes shrink, recovery (when `recovery.mode` is set, e.g. by the preset) runs a few
+steps. `--config.preset=issue23 --config.smoke=True` exercises every stage in seconds.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -28,14 +54,24 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from oba_jax import files
-from oba_jax.data import wordnet
+from oba_jax import files, recovery
+from oba_jax.data import python_docs, text, wordnet
 from oba_jax.experiments import cli, text_pruning
 from oba_jax.functional import next_token
 from oba_jax.models import Llama
 
 
 CALIBRATION_TEXTS = ("definitions", "examples")
+CORPORA = ("wordnet", "python_docs")
+RECOVERY_MODES = ("none",) + recovery.MODES
+PRESETS = {
+    # The issue-23 evaluation: >= 128 x 128 calibration tokens, >= 20k held-out tokens per
+    # corpus, three calibration seeds, kept 0.9/0.8/0.7, LoRA recovery.
+    "issue23": {"sequence_length": 128, "batch_size": 8, "calibration_batches": 16,
+                "held_out_tokens": 20480, "eval_corpora": "wordnet,python_docs",
+                "calibration_seeds": "1,2,3", "targets": "0.9,0.8,0.7",
+                "recovery.mode": "lora", "recovery.steps": 100, "recovery.sequences": 512},
+}
 
 
 HELP = {
@@ -45,8 +81,34 @@ HELP = {
     "eval_batches": "held-out batches whose perplexity is measured (eval_batches x batch_size "
                     "example sentences)",
     "eval_pos": "parts of speech of the held-out example sentences, letters among n, v, a, r",
-    "calibration_texts": "what the calibration batches hold: comma-separated among "
+    "calibration_texts": "what the WordNet calibration text holds: comma-separated among "
                          f"{','.join(CALIBRATION_TEXTS)}",
+    "preset": f"a named set of values for the keys left at their defaults: "
+              f"{'|'.join(PRESETS)} (issue23: 128x128 calibration, >= 20k held-out tokens "
+              "per corpus, seeds 1,2,3, targets 0.9,0.8,0.7, LoRA recovery); empty: none",
+    "sequence_length": "tokens per packed sequence; 0: one WordNet text per row (truncated to "
+                       "max_tokens, padded) as before",
+    "held_out_tokens": "with sequence_length > 0: next-token targets of held-out text per corpus",
+    "eval_corpora": f"held-out corpora, comma-separated among {','.join(CORPORA)} (perplexity "
+                    "of each; python_docs needs sequence_length > 0)",
+    "calibration_corpus": f"the corpus of the calibration and recovery text: one of "
+                          f"{'|'.join(CORPORA)} (python_docs needs sequence_length > 0)",
+    "docs_held_out": "fraction of the Python documentation files held out, in (0, 1)",
+    "recovery.mode": f"recovery fine-tuning after pruning: {'|'.join(RECOVERY_MODES)} (lora: "
+                     "adapters on the 2-D kernels, merged back)",
+    "recovery.steps": "recovery optimizer steps (AdamW)",
+    "recovery.batch_size": "packed sequences per recovery step",
+    "recovery.sequences": "packed calibration sequences the recovery cycles through (of "
+                          "sequence_length tokens, or max_tokens when that is 0)",
+    "recovery.learning_rate": "peak learning rate of the recovery",
+    "recovery.schedule": "recovery learning-rate schedule after the warmup: cosine|multistep",
+    "recovery.warmup_steps": "linear warmup steps of the recovery",
+    "recovery.weight_decay": "AdamW's decoupled weight decay in the recovery",
+    "recovery.rank": "LoRA rank",
+    "recovery.alpha": "LoRA scale numerator: the update is alpha / rank * a @ b",
+    "recovery.distill_weight": "weight in [0, 1] of distillation from the dense model's logits "
+                               "(KL at temperature T) against the next-token loss",
+    "recovery.temperature": "distillation temperature T",
 }
 
 
@@ -58,14 +120,75 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_batches = 16  # held-out example sentences: eval_batches x batch_size
   c.eval_pos = "n"  # parts of speech of the held-out example sentences: any of "nvar"
   c.calibration_texts = "definitions,examples"
+  c.preset = ""  # a named set of values for the keys left at their defaults (PRESETS)
+  c.sequence_length = 0  # > 0: packed sequences of this many tokens (0: one text per row)
+  c.held_out_tokens = 4096  # with packing: held-out next-token targets per corpus
+  c.eval_corpora = "wordnet"  # comma-separated among CORPORA
+  c.calibration_corpus = "wordnet"
+  c.docs_held_out = 0.2  # fraction of the Python documentation files held out
+  c.recovery = ml_collections.ConfigDict()
+  c.recovery.mode = "none"  # none | full | lora
+  c.recovery.steps = 50
+  c.recovery.batch_size = 8
+  c.recovery.sequences = 256
+  c.recovery.learning_rate = 2e-4
+  c.recovery.schedule = "cosine"
+  c.recovery.warmup_steps = 5
+  c.recovery.weight_decay = 0.0
+  c.recovery.rank = 8
+  c.recovery.alpha = 16.0
+  c.recovery.distill_weight = 0.0
+  c.recovery.temperature = 2.0
   text_pruning.add_common_config(c)
   return c
 
 
+def apply_preset(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with its preset's values for the keys still at their defaults, said aloud."""
+  if not config.preset:
+    return config
+  cli.check_names("preset", config.preset, PRESETS)
+  defaults = get_config()
+  config = ml_collections.ConfigDict(config.to_dict())
+  changed = []
+  for key, value in PRESETS[config.preset].items():
+    *parents, name = key.split(".")
+    node, default = config, defaults
+    for parent in parents:
+      node, default = node[parent], default[parent]
+    if node[name] == default[name] and node[name] != value:
+      changed.append(f"{key}={value!r}")
+      node[name] = value
+  if changed:
+    print(f"preset {config.preset} sets " + ", ".join(changed))
+  return config
+
+
 def _smoke(config):
+  packed = config.sequence_length > 0
   return cli.smoke(config, {"batch_size": 4, "max_tokens": 16, "eval_batches": 2,
                             "calibration_batches": 2, "calibration_seeds": "1",
-                            "targets": "0.9,0.8", "measure_cost": False})
+                            "targets": "0.9,0.8", "measure_cost": False,
+                            "sequence_length": 16 if packed else 0,
+                            "held_out_tokens": 120, "recovery.steps": 3,
+                            "recovery.batch_size": 2, "recovery.sequences": 4,
+                            "recovery.warmup_steps": 1, "recovery.learning_rate": 1e-2,
+                            "recovery.rank": 2})
+
+
+def recovery_config(config: ml_collections.ConfigDict) -> recovery.RecoveryConfig | None:
+  """The `RecoveryConfig` of `config.recovery`, None for mode "none"; a ValueError names a bad
+  value."""
+  r = config.recovery
+  cli.check_names("recovery.mode", r.mode, RECOVERY_MODES)
+  if r.sequences < r.batch_size:
+    raise ValueError(f"recovery.sequences={r.sequences} must be at least recovery.batch_size="
+                     f"{r.batch_size}.")
+  fields = {f.name for f in dataclasses.fields(recovery.RecoveryConfig)}
+  made = recovery.RecoveryConfig(**{k: v for k, v in r.to_dict().items()
+                                    if k in fields and k != "mode"},
+                                 mode="full" if r.mode == "none" else r.mode)
+  return None if r.mode == "none" else made
 
 
 @jax.jit  # one compiled pass for every model of the same shapes (each criterion and target)
@@ -91,6 +214,7 @@ def build_task(config) -> text_pruning.Task:
     model = Llama(vocab_size=256, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   ffn_dim=32, rope_theta=10000.0, rngs=nnx.Rngs(0))
     encode, pad_id = (lambda text: list(text.encode("utf-8"))), 0
+    separator = 0
     info = {"model": "tiny random Llama (smoke)"}
     weights = "tiny random Llama, seed 0 (smoke)"
   else:
@@ -103,11 +227,15 @@ def build_task(config) -> text_pruning.Task:
     tokenizer = llama_gguf.gguf_tokenizer(path)
     weights = files.fingerprint(path)
     encode, pad_id = (lambda text: tokenizer.encode(text).ids), 0
+    separator = tokenizer.token_to_id("<|endoftext|>") or 0
     info = {"model": path, "model_config": model_config}
   calibration_part, held_out_part, text_source = text_pruning.wordnet_parts(config)
   calibration_texts = wordnet.texts(
       calibration_part, definitions="definitions" in config.calibration_texts,
       examples="examples" in config.calibration_texts)
+  if config.sequence_length:
+    return _packed_task(config, model, encode, separator, calibration_texts,
+                        wordnet.texts(held_out_part), text_source, weights, info)
   eval_texts = [s.examples[0] for s in held_out_part if s.examples and s.id[0] in config.eval_pos]
   if len(eval_texts) < config.batch_size:
     raise ValueError(f"eval_pos={config.eval_pos!r}: the held-out part has {len(eval_texts)} "
@@ -125,16 +253,146 @@ def build_task(config) -> text_pruning.Task:
                                  max_tokens=config.max_tokens, seed=seed,
                                  num_batches=config.calibration_batches, pad_id=pad_id)
 
-  num_layers = len(model.layers)
-  ignore = ("embed",) + text_pruning.prune_ignore(config.prune, num_layers, "attn", ["mlp"])
   return text_pruning.Task(
-      model=model, example_inputs=(jnp.asarray(eval_batches[0]["tokens"]),), ignore=ignore,
-      objective=next_token, calibration=calibration,
+      model=model, example_inputs=(jnp.asarray(eval_batches[0]["tokens"]),),
+      ignore=_ignore(config, model), objective=next_token, calibration=calibration,
       evaluate=lambda m: perplexity(m, eval_batches), metric="perplexity",
-      higher_is_better=False, info=info, inputs={"weights": weights, "text": text_source})
+      higher_is_better=False, info=info, inputs={"weights": weights, "text": text_source},
+      recover=_recover_fn(config, model, calibration_texts, encode, separator))
+
+
+def _ignore(config, model) -> tuple[str, ...]:
+  num_layers = len(model.layers)
+  return ("embed",) + text_pruning.prune_ignore(config.prune, num_layers, "attn", ["mlp"])
+
+
+def _recover_fn(config, dense, calibration_texts, encode, separator):
+  """`Task.recover` for `config.recovery`: packed calibration sequences of the seed, the dense
+  model as the distillation teacher; None without recovery."""
+  settings = recovery_config(config)
+  if settings is None:
+    return None
+  length = config.sequence_length or config.max_tokens
+
+  def recover(compacted, seed, workdir, desc):
+    sequences = text.pack(calibration_texts, encode, length=length, separator=separator,
+                          seed=seed, num_sequences=config.recovery.sequences)
+    batches = text.batches(sequences, settings.batch_size)
+    model, history = recovery.recover(compacted, batches, settings, workdir=workdir,
+                                      teacher=dense, progress=config.progress, desc=desc,
+                                      extra_state={"sequences": len(sequences), "length": length})
+    losses = [r for r in history if "loss" in r]
+    return model, {"steps": settings.steps, "first_loss": losses[0]["loss"],
+                   "last_loss": losses[-1]["loss"], "mode": settings.mode}
+
+  return recover
+
+
+_SMOKE_PARAGRAPHS = [
+    "The for statement iterates over the items of any sequence, in the order that they "
+    "appear in the sequence.",
+    "A function definition defines a user-defined function object, which is executed when "
+    "the function is called.",
+    "Modules can import other modules; it is customary to place all import statements at the "
+    "beginning of a module.",
+    "Exceptions are raised when an error is detected, and they can be handled by a try "
+    "statement.",
+]
+
+
+def docs_parts(config) -> tuple[list[str], list[str], object]:
+  """(calibration paragraphs, held-out paragraphs, what was read) of the Python documentation,
+  split by file; in smoke mode without the docs installed, a few built-in paragraphs."""
+  if python_docs.available() or not config.smoke:
+    documents = python_docs.read()
+    calibration, held_out = python_docs.split(documents, held_out=config.docs_held_out,
+                                              split_seed=config.split_seed)
+    return python_docs.texts(calibration), python_docs.texts(held_out), python_docs.fingerprint()
+  texts_ = _SMOKE_PARAGRAPHS * 10
+  return texts_[::2], texts_[1::2], "built-in smoke paragraphs (python3.11-doc not installed)"
+
+
+def _packed_task(config, model, encode, separator, wordnet_calibration, wordnet_held_out,
+                 wordnet_source, weights, info) -> text_pruning.Task:
+  """The task on packed sequences: calibration of `config.calibration_corpus`, perplexity on
+  every corpus of `config.eval_corpora`."""
+  corpora = cli.names(config.eval_corpora)
+  parts = {"wordnet": (wordnet_calibration, wordnet_held_out, wordnet_source)}
+  if "python_docs" in corpora or config.calibration_corpus == "python_docs":
+    parts["python_docs"] = docs_parts(config)
+  length, batch_size = config.sequence_length, config.batch_size
+  count = text.sequences_for(config.held_out_tokens, length, batch_size)
+  eval_sets = {}
+  for corpus in corpora:
+    try:
+      sequences = text.pack(parts[corpus][1], encode, length=length, separator=separator,
+                            seed=config.split_seed, num_sequences=count)
+    except ValueError as error:
+      raise ValueError(f"held_out_tokens={config.held_out_tokens}: the held-out {corpus} text "
+                       f"is too short: {error}") from None
+    eval_sets[corpus] = text.batches(sequences, batch_size)
+  calibration_texts = parts[config.calibration_corpus][0]
+  sequences_needed = config.calibration_batches * batch_size
+
+  def calibration(seed):
+    try:
+      sequences = text.pack(calibration_texts, encode, length=length, separator=separator,
+                            seed=seed, num_sequences=sequences_needed)
+    except ValueError as error:
+      raise ValueError(f"calibration_batches={config.calibration_batches}: the "
+                       f"{config.calibration_corpus} calibration text is too short: "
+                       f"{error}") from None
+    return text.batches(sequences, batch_size)
+
+  def evaluate(m):
+    out = {}
+    for corpus, batches in eval_sets.items():
+      result = perplexity(m, batches)
+      out.update({f"{name}_{corpus}": value for name, value in result.items()})
+    first = corpora[0]
+    return {"perplexity": out[f"perplexity_{first}"], "nll": out[f"nll_{first}"],
+            "tokens": out[f"tokens_{first}"], **out}
+
+  info.update(sequence_length=length, calibration_corpus=config.calibration_corpus,
+              calibration_sequences=sequences_needed, calibration_texts=len(calibration_texts),
+              held_out_sequences={c: len(b) * batch_size for c, b in eval_sets.items()},
+              held_out_texts={c: len(parts[c][1]) for c in corpora})
+  example = jnp.asarray(next(iter(eval_sets.values()))[0]["tokens"])
+  return text_pruning.Task(
+      model=model, example_inputs=(example,), ignore=_ignore(config, model),
+      objective=next_token, calibration=calibration, evaluate=evaluate, metric="perplexity",
+      higher_is_better=False, info=info,
+      inputs={"weights": weights, "text": {c: parts[c][2] for c in parts}},
+      recover=_recover_fn(config, model, calibration_texts, encode, separator))
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad setting of this CLI's own keys (before any work)."""
+  corpora = cli.check_names("eval_corpora", config.eval_corpora, CORPORA)
+  cli.check_names("calibration_corpus", config.calibration_corpus, CORPORA)
+  if len(cli.names(config.calibration_corpus)) != 1:
+    raise ValueError(f"calibration_corpus={config.calibration_corpus!r}: one corpus of "
+                     f"{list(CORPORA)}.")
+  if config.sequence_length < 0 or config.sequence_length == 1:
+    raise ValueError(f"sequence_length={config.sequence_length}: 0 (one text per row) or an "
+                     "integer >= 2.")
+  if not config.sequence_length and (set(corpora) | {config.calibration_corpus}) != {"wordnet"}:
+    raise ValueError(f"eval_corpora={config.eval_corpora!r}, calibration_corpus="
+                     f"{config.calibration_corpus!r}: python_docs needs packed sequences; set "
+                     "sequence_length (e.g. 128).")
+  if config.sequence_length and config.held_out_tokens < 1:
+    raise ValueError(f"held_out_tokens={config.held_out_tokens} must be >= 1.")
+  if not 0 < config.docs_held_out < 1:
+    raise ValueError(f"docs_held_out={config.docs_held_out!r} must be in (0, 1).")
+  recovery_config(config)
+  uses_docs = "python_docs" in corpora or config.calibration_corpus == "python_docs"
+  if uses_docs and not config.smoke:
+    python_docs.directory_or_default()  # raises, saying how to install them
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  config = apply_preset(config)
+  check(config)
   if not config.eval_pos or set(config.eval_pos) - set("nvar"):
     raise ValueError(f"eval_pos={config.eval_pos!r}: letters among 'n', 'v', 'a', 'r'.")
   if config.batch_size < 2 or config.max_tokens < 2 or config.eval_batches < 1:

@@ -11,7 +11,14 @@ A `Task` says what is model-specific (the model, its batches, its task loss, its
      -> held-out metric (cached: runs/<criterion>_seed<s>_<target>.json) of the masked model,
      which the compacted one equals (the largest difference on a held-out batch is recorded),
      or of the compacted model itself with `eval_compacted`
+  -> with a `Task.recover` (recovery fine-tuning): the compacted model recovered (resumable in
+     recovery/<criterion>_seed<s>_<target>/) and evaluated again (cached:
+     recovered/<criterion>_seed<s>_<target>.json); the row gets `after_recovery` (the metrics)
+     and `recovery_seconds`
   -> results.json and <metric>.png (metric vs kept fraction, one line per criterion).
+
+Each row records the scoring wall time of its criterion and seed (`scoring_seconds`) and the
+process's peak resident memory when it was made (`peak_rss_bytes`, a running maximum).
 
 Cost per criterion is measured once (seed of the first run) as the steady-state time of one
 jitted scoring step over that of one jitted gradient of the same loss on the same batch, and the
@@ -60,6 +67,8 @@ class Task:
     info: anything to record in results.json (model facts, data sizes).
     inputs: {name: `files.fingerprint` or description} of the weights and text read, the
       workdir's identity besides the config (`cli.claim_workdir`).
+    recover: `recover(compacted, seed, workdir, desc) -> (model, info)`: recovery
+      fine-tuning of a pruned model (resuming from `workdir`), or None for none.
   """
 
   model: nnx.Module
@@ -72,6 +81,7 @@ class Task:
   higher_is_better: bool
   info: dict
   inputs: dict
+  recover: Callable[[nnx.Module, int, str, str], tuple[nnx.Module, dict]] | None = None
 
 
 # --help descriptions of the settings every text CLI shares (`cli.usage`).
@@ -322,6 +332,8 @@ def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed
   results.json holds."""
   os.makedirs(os.path.join(workdir, "scores"), exist_ok=True)
   os.makedirs(os.path.join(workdir, "runs"), exist_ok=True)
+  if task.recover is not None:
+    os.makedirs(os.path.join(workdir, "recovered"), exist_ok=True)
   dense_path = os.path.join(workdir, "dense.json")
   if os.path.exists(dense_path):
     dense = cli.read_json(dense_path, what="the cached dense evaluation")
@@ -374,15 +386,25 @@ def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed
         print(f"cost {name}: {costs[name]}")
       group_vectors = grouped
       for target in parsed["targets"]:
-        run_path = os.path.join(workdir, "runs", f"{name}_seed{seed}_{target:g}.json")
+        run_name = f"{name}_seed{seed}_{target:g}"
+        run_path = os.path.join(workdir, "runs", f"{run_name}.json")
+        compacted = None
         if os.path.exists(run_path):
           row = cli.read_json(run_path, what="a cached pruned evaluation")
         else:
-          row = _prune_and_evaluate(task, traced, group_vectors, target, config, dense_params)
-          row.update(criterion=name, seed=seed, target=target, scoring_seconds=seconds)
+          row, compacted = _prune_and_evaluate(task, traced, group_vectors, target, config,
+                                               dense_params)
+          row.update(criterion=name, seed=seed, target=target, scoring_seconds=seconds,
+                     peak_rss_bytes=_peak_rss_bytes())
           cli.write_json(run_path, row)
         print(f"{name} seed {seed} target {target:g}: {task.metric}={row[task.metric]:.4f} "
               f"kept_params={row['kept_params']:.4f}")
+        if task.recover is not None:
+          if compacted is None:
+            compacted = _compact(task, traced, group_vectors, target, config)[2]
+          row = {**row, **_recovered(task, compacted, seed, workdir, run_name)}
+          print(f"{name} seed {seed} target {target:g} recovered: "
+                f"{task.metric}={row['after_recovery'][task.metric]:.4f}")
         rows.append(row)
 
   results = {"config": config.to_dict(), "dense": dense, "runs": rows, "costs": costs,
@@ -395,12 +417,41 @@ def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed
   return results
 
 
-def _prune_and_evaluate(task: Task, traced, group_vectors, target: float, config,
-                        dense_params: int) -> dict:
+def _peak_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _recovered(task: Task, compacted: nnx.Module, seed: int, workdir: str, run_name: str) -> dict:
+  """{"after_recovery": metrics, "recovery_seconds", ...} of the recovered `compacted` model,
+  cached in recovered/<run_name>.json; the recovery resumes from recovery/<run_name>/."""
+  path = os.path.join(workdir, "recovered", f"{run_name}.json")
+  if os.path.exists(path):
+    return cli.read_json(path, what="a cached recovered evaluation")
+  start = time.perf_counter()
+  model, info = task.recover(compacted, seed, os.path.join(workdir, "recovery", run_name),
+                             f"recover {run_name}")
+  seconds = time.perf_counter() - start
+  start = time.perf_counter()
+  metrics = task.evaluate(model)
+  result = {"after_recovery": {**metrics, "eval_seconds": time.perf_counter() - start},
+            "recovery_seconds": seconds, "recovery": info,
+            "recovery_peak_rss_bytes": _peak_rss_bytes()}
+  cli.write_json(path, result)
+  return result
+
+
+def _compact(task: Task, traced, group_vectors, target: float, config):
+  """(plan, masked model, compacted model) of `target` on the group scores."""
   chosen = plan.select(traced, group_vectors, target=plan.KeptParams(target),
                        max_ratio=config.max_ratio)
   masked = masks.apply(task.model, chosen)
-  compacted = surgery.compact(masked, chosen)
+  return chosen, masked, surgery.compact(masked, chosen)
+
+
+def _prune_and_evaluate(task: Task, traced, group_vectors, target: float, config,
+                        dense_params: int) -> tuple[dict, nnx.Module]:
+  """The row of one pruned model, and its compacted model."""
+  chosen, masked, compacted = _compact(task, traced, group_vectors, target, config)
   masked_out = masked(*task.example_inputs)
   compact_out = compacted(*task.example_inputs)
   start = time.perf_counter()
@@ -411,4 +462,5 @@ def _prune_and_evaluate(task: Task, traced, group_vectors, target: float, config
           "kept_params": params / dense_params,
           "kept_macs": chosen.predicted.macs / chosen.dense.macs,
           "removed": {g: len(v) for g, v in chosen.removed.items() if len(v)},
-          "max_abs_compact_minus_masked": float(jnp.max(jnp.abs(compact_out - masked_out)))}
+          "max_abs_compact_minus_masked": float(jnp.max(jnp.abs(compact_out - masked_out)))
+          }, compacted

@@ -6,13 +6,18 @@ from oba_jax import files
 
 
 def table(results: dict) -> str:
-  """One line per run (criterion, seed, target, kept fraction, metric), then the costs."""
+  """One line per run (criterion, seed, target, kept fraction, metric, and the metric after
+  recovery when there was one), then the costs."""
   metric = results["metric"]
-  lines = [f"{'criterion':16s} {'seed':>4s} {'target':>6s} {'kept':>6s} {metric:>12s}",
+  recovered = any("after_recovery" in r for r in results["runs"])
+  after = f" {'recovered':>12s}" if recovered else ""
+  lines = [f"{'criterion':16s} {'seed':>4s} {'target':>6s} {'kept':>6s} {metric:>12s}{after}",
            f"{'dense':16s} {'':>4s} {'':>6s} {1.0:6.3f} {results['dense'][metric]:12.4f}"]
   for r in results["runs"]:
+    after = (f" {r['after_recovery'][metric]:12.4f}" if "after_recovery" in r
+             else f" {'':>12s}" if recovered else "")
     lines.append(f"{r['criterion']:16s} {r['seed']:4d} {r['target']:6.3f} {r['kept_params']:6.3f} "
-                 f"{r[metric]:12.4f}")
+                 f"{r[metric]:12.4f}{after}")
   for name, c in results["costs"].items():
     lines.append(f"cost {name}: {c['in_gradients']:.2f} gradients per batch")
   return "\n".join(lines)
@@ -37,7 +42,14 @@ def plot(results: dict, path: str) -> None:
       ys.append(points[:, 1].mean())
       lo.append(max(ys[-1] - points[:, 1].min(), 0.0))  # equal values: the mean may be off
       hi.append(max(points[:, 1].max() - ys[-1], 0.0))    # by one rounding step
-    ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=name)
+    line = ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=name)
+    recovered = [(t, r["after_recovery"][metric]) for r in results["runs"]
+                 if r["criterion"] == name and "after_recovery" in r for t in [r["target"]]]
+    if recovered:  # mean over seeds after recovery, dashed in the criterion's colour
+      means = {t: np.mean([v for u, v in recovered if u == t]) for t, _ in recovered}
+      targets = [t for t in sorted(by_target) if t in means]
+      ax.plot([xs[sorted(by_target).index(t)] for t in targets], [means[t] for t in targets],
+              ls="--", marker="x", color=line[0].get_color(), label=f"{name} recovered")
   ax.axhline(results["dense"][metric], color="k", ls="--", lw=1, label="dense")
   ax.set_xlabel("kept fraction of parameters")
   ax.set_ylabel(metric)
