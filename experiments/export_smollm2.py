@@ -26,7 +26,6 @@ llama-cpp-python, and minutes of CPU.
 import argparse
 import datetime
 import os
-import statistics
 import time
 
 import jax
@@ -38,13 +37,12 @@ from oba_jax import criteria, plan, structure, surgery
 from oba_jax.data import wordnet
 from oba_jax.experiments import cli
 from oba_jax.experiments.smollm2_wordnet import perplexity
-from oba_jax.export import export_gguf, head_size_groups
+from oba_jax.export import clients, export_gguf, head_size_groups
 from oba_jax.functional import next_token
 from oba_jax.runtime import enable_compilation_cache
 from oba_jax.weights import llama_gguf
 
 PROMPT = "The history of the English language begins with"
-F32 = 0  # GGML_TYPE_F32, for llama.cpp's KV cache
 
 
 def _args():
@@ -73,62 +71,11 @@ def _count(model) -> int:
   return sum(int(np.size(x)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def _agreement(llama_cpp, path: str, model, sentences) -> dict:
-  """Max |llama.cpp - oba_jax| next-token logits over the sentences, absolute and relative."""
-  llm = llama_cpp.Llama(model_path=path, logits_all=True, n_ctx=128, n_threads=2, type_k=F32,
-                        type_v=F32, verbose=False)
-  worst_abs, worst_rel = 0.0, 0.0
-  try:
-    for ids in sentences:
-      llm.reset()
-      llm.eval(ids)
-      got = np.array(llm.scores[:len(ids)], np.float32)
-      want = np.asarray(model(jnp.asarray([ids]))[0])
-      diff = float(np.abs(got - want).max())
-      worst_abs = max(worst_abs, diff)
-      worst_rel = max(worst_rel, diff / float(np.abs(want).max()))
-  finally:
-    llm.close()
-  return {"max_abs": worst_abs, "max_abs_over_max_logit": worst_rel}
-
-
-def _speed(llama_cpp, paths: dict[str, str], prompt: list[int], generate: int, reps: int,
-           threads: int) -> dict:
-  """Median prompt and decode tokens/s of every file, rounds interleaved over the files."""
-  llms = {name: llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + generate + 8,
-                                n_threads=threads, n_threads_batch=threads, verbose=False)
-          for name, path in paths.items()}
-  times = {name: {"prompt": [], "decode": []} for name in paths}
-  outputs = {}
-  try:
-    for rep in range(reps + 1):  # round 0 warms up
-      for name, llm in llms.items():
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval(prompt)
-        middle = time.perf_counter()
-        out = []
-        for _ in range(generate):
-          out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-          llm.eval([out[-1]])
-        end = time.perf_counter()
-        if rep:
-          times[name]["prompt"].append(len(prompt) / (middle - start))
-          times[name]["decode"].append(generate / (end - middle))
-        outputs[name] = out
-  finally:
-    for llm in llms.values():
-      llm.close()
-  return {name: {"prompt_tokens_per_s": statistics.median(t["prompt"]),
-                 "decode_tokens_per_s": statistics.median(t["decode"]),
-                 "decode_tokens_per_s_all": t["decode"], "generated_ids": outputs[name]}
-          for name, t in times.items()}
-
-
 def main():
   args = _args()
   cli.check_names("criterion", args.criterion, criteria.CRITERIA)
-  import llama_cpp  # noqa: PLC0415 (optional: pip install -e '.[export]')
+  if "llama_cpp" in clients.missing():
+    raise SystemExit(f"llama.cpp is not installed: {clients.missing()['llama_cpp']}")
   enable_compilation_cache()
   source = llama_gguf.smollm2_path()
   if source is None:
@@ -172,16 +119,16 @@ def main():
             f"{summaries[key]['architecture']}", flush=True)
 
   print("llama.cpp agreement", flush=True)
-  agreement = {f"{key}_vs_float32_model": _agreement(llama_cpp, paths[key], m, sentences)
+  agreement = {f"{key}_vs_float32_model": clients.llama_cpp_agreement(paths[key], m, sentences)
                for key, m in (("dense_f32", model), ("pruned_f32", pruned),
                               ("dense_q8_0", model), ("pruned_q8_0", pruned))}
   for key in ("dense_q8_0", "pruned_q8_0"):  # llama.cpp's arithmetic alone: the same weights
-    agreement[f"{key}_vs_file_read_by_oba_jax"] = _agreement(
-        llama_cpp, paths[key], llama_gguf.load_llama(paths[key])[0], sentences)
+    agreement[f"{key}_vs_file_read_by_oba_jax"] = clients.llama_cpp_agreement(
+        paths[key], llama_gguf.load_llama(paths[key])[0], sentences)
   print(agreement, flush=True)
   print("llama.cpp speed", flush=True)
   prompt = encode(PROMPT)
-  speed = _speed(llama_cpp, paths, prompt, args.generate, args.reps, args.threads)
+  speed = clients.llama_cpp_speed(paths, prompt, args.generate, args.reps, args.threads)
   for key, s in speed.items():
     print(f"{key}: prompt {s['prompt_tokens_per_s']:.1f} tok/s, decode "
           f"{s['decode_tokens_per_s']:.1f} tok/s", flush=True)

@@ -227,8 +227,12 @@ def _run_flat(workdir, **overrides):
   return smollm2_wordnet.run(config, str(workdir))
 
 
-def test_smollm2_smoke_preset_packs_both_corpora_recovers_and_resumes(tmp_path):
-  results = _run_flat(tmp_path, preset="issue23", criteria="random")
+EXPORT = {"keep_head_size": True, "scope": "uniform", "export.formats": "gguf,hf",
+          "export.reps": 1, "export.generate": 4, "export.sequences": 2}
+
+
+def test_smollm2_smoke_preset_packs_both_corpora_recovers_exports_and_resumes(tmp_path):
+  results = _run_flat(tmp_path, preset="issue23", criteria="random", **EXPORT)
   assert results["config"]["sequence_length"] == 16  # the preset, shrunk by smoke mode
   assert results["info"]["held_out_sequences"] == {"wordnet": 8, "python_docs": 8}
   assert results["dense"]["tokens_python_docs"] == 8 * 15 >= 120
@@ -239,13 +243,58 @@ def test_smollm2_smoke_preset_packs_both_corpora_recovers_and_resumes(tmp_path):
     assert after["perplexity"] == after["perplexity_wordnet"] != row["perplexity"]
   table = text_report.table(results)
   assert "recovered" in table.splitlines()[0]
-  stamps = {p: os.path.getmtime(tmp_path / "recovered" / p)
-            for p in os.listdir(tmp_path / "recovered")}
-  assert len(stamps) == 2
-  again = _run_flat(tmp_path, preset="issue23", criteria="random")  # resumes: nothing recomputed
-  assert {p: os.path.getmtime(tmp_path / "recovered" / p) for p in stamps} == stamps
+  _check_export(results)
+  stamps = {f"{d}/{p}": os.path.getmtime(tmp_path / d / p)
+            for d in ("recovered", "export") for p in os.listdir(tmp_path / d)}
+  assert len([p for p in stamps if p.startswith("recovered/")]) == 2
+  again = _run_flat(tmp_path, preset="issue23", criteria="random", **EXPORT)  # nothing recomputed
+  assert {p: os.path.getmtime(tmp_path / p) for p in stamps} == stamps
   assert [r["after_recovery"] for r in again["runs"]] == [r["after_recovery"]
                                                           for r in results["runs"]]
+  assert again["export"] == results["export"]
+
+
+def _check_export(results):
+  """The exported files hold the run's models: the GGUF file and the Hugging Face directory of
+  each give the same logits, of the recovered (uniformly pruned) model's size; the clients, when
+  installed, compute oba_jax's logits."""
+  import jax.numpy as jnp
+
+  from oba_jax.export import load_llama_hf
+  from oba_jax.weights import llama_gguf
+  files = results["export"]["files"]
+  assert set(files) == {"dense", "random_seed1_0.9", "random_seed1_0.8"}
+  dense = files["dense"]["params"]
+  tokens = jnp.arange(3, 19)[None]
+  for name, written in files.items():
+    from_gguf, _ = llama_gguf.load_llama(written["gguf"]["path"])
+    from_hf, config = load_llama_hf(written["hf"]["path"])
+    np.testing.assert_allclose(from_hf(tokens), from_gguf(tokens), rtol=0, atol=1e-5)
+    assert written["gguf"]["architecture"] == "llama"  # uniform scope: one width per model
+    assert config["num_heads"] == written["gguf"]["num_heads"]
+    if name != "dense":
+      row = next(r for r in results["runs"] if f"random_seed1_{r['target']:g}" == name)
+      assert written["params"] == pytest.approx(row["kept_params"] * dense, abs=1)
+    for check in (written["gguf"]["llama_cpp_logits"], written["hf"]["transformers_logits"]):
+      assert check.get("skipped") or check["max_abs_over_max_logit"] < 1e-5
+  compare = results["export"]["compare"]
+  prompt = list(compare["prompt"].encode("utf-8"))  # the smoke model's byte tokens
+  for client in ("llama_cpp", "transformers"):
+    speed = compare[f"{client}_speed"]
+    if speed.get("skipped"):
+      continue
+    assert set(speed) == set(files)
+    for name, written in files.items():  # the clients decode what oba_jax decodes greedily
+      model, _ = llama_gguf.load_llama(written["gguf"]["path"])
+      assert speed[name]["generated_ids"] == _greedy(model, prompt, compare["generated_tokens"])
+
+
+def _greedy(model, prompt, count):
+  import jax.numpy as jnp
+  ids = list(prompt)
+  for _ in range(count):
+    ids.append(int(jnp.argmax(model(jnp.asarray([ids]))[0, -1])))
+  return ids[len(prompt):]
 
 
 @pytest.mark.parametrize("overrides, named", [
@@ -255,6 +304,14 @@ def test_smollm2_smoke_preset_packs_both_corpora_recovers_and_resumes(tmp_path):
     ({"recovery.mode": "lora", "recovery.distill_weight": 2.0}, "distill_weight"),
     ({"preset": "issue99"}, "preset"),
     ({"sequence_length": 1}, "sequence_length"),
+    ({"export.formats": "gguf"}, "keep_head_size"),
+    ({"export.formats": "gguf,hf", "keep_head_size": True}, "scope=uniform"),
+    ({"export.formats": "onnx", "keep_head_size": True}, "export.formats"),
+    ({"export.formats": "gguf", "keep_head_size": True, "export.gguf_dtype": "q4_0"},
+     "export.gguf_dtype"),
+    ({"export.formats": "gguf", "keep_head_size": True, "export.criterion": "oba"},
+     "export.criterion"),
+    ({"scope": "per-layer"}, "scope"),
 ])
 def test_smollm2_recovery_and_corpus_settings_fail_before_work(tmp_path, overrides, named):
   with pytest.raises(ValueError, match=named):

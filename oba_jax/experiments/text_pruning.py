@@ -15,6 +15,10 @@ A `Task` says what is model-specific (the model, its batches, its task loss, its
      recovery/<criterion>_seed<s>_<target>/) and evaluated again (cached:
      recovered/<criterion>_seed<s>_<target>.json); the row gets `after_recovery` (the metrics)
      and `recovery_seconds`
+  -> with a `Task.export`: the final model (recovered, else compacted) of the runs it wants, and
+     the dense one, written in deployment formats and checked in their clients (cached:
+     export/<criterion>_seed<s>_<target>.json), then compared across files (export/compare.json);
+     results.json gets `export`
   -> results.json and <metric>.png (metric vs kept fraction, one line per criterion).
 
 Each row records the scoring wall time of its criterion and seed (`scoring_seconds`) and the
@@ -48,6 +52,7 @@ from oba_jax import criteria, estimate, files, masks, plan, structure, surgery
 from oba_jax.data import wordnet
 from oba_jax.experiments import cli, text_report
 from oba_jax.functional import Objective, functional
+from oba_jax.validate import check_choice
 
 PyTree = Any
 
@@ -69,6 +74,9 @@ class Task:
       workdir's identity besides the config (`cli.claim_workdir`).
     recover: `recover(compacted, seed, workdir, desc) -> (model, info)`: recovery
       fine-tuning of a pruned model (resuming from `workdir`), or None for none.
+    frozen: `frozen(traced structure) -> names` of groups no plan may prune (e.g. those an
+      export format cannot lose), or None.
+    export: the deployment files of some runs (`Export`), or None.
   """
 
   model: nnx.Module
@@ -82,6 +90,29 @@ class Task:
   info: dict
   inputs: dict
   recover: Callable[[nnx.Module, int, str, str], tuple[nnx.Module, dict]] | None = None
+  frozen: Callable[[structure.Structure], frozenset[str]] | None = None
+  export: "Export | None" = None
+
+  def frozen_groups(self, traced: structure.Structure) -> frozenset[str]:
+    return frozenset() if self.frozen is None else self.frozen(traced)
+
+
+@dataclasses.dataclass(frozen=True)
+class Export:
+  """How a CLI ships pruned models (`Task.export`).
+
+  Attributes:
+    wanted: `wanted(criterion, seed) -> bool`: whether the runs of this criterion and
+      calibration seed are exported (every target of them; the dense model always is).
+    write: `write(model, name, directory) -> dict`: writes `model` under `directory` as files
+      named after `name`, checks them, and returns what it wrote and measured (JSON-able).
+    compare: `compare({name: write's result}) -> dict`: what is measured across all the files at
+      once (e.g. tokens per second, dense and pruned interleaved in one process).
+  """
+
+  wanted: Callable[[str, int], bool]
+  write: Callable[[nnx.Module, str, str], dict]
+  compare: Callable[[dict], dict]
 
 
 # --help descriptions of the settings every text CLI shares (`cli.usage`).
@@ -96,6 +127,9 @@ COMMON_HELP = {
                "reachable within max_ratio",
     "prune": "which groups may be pruned: all, attention (heads and head features) or mlp "
              "(feed-forward units)",
+    "scope": "how plans rank groups: global (one ranking over all layers), local (the same "
+             "fraction of every group) or uniform (the same number removed from every layer's "
+             "counterpart group, chosen by their summed scores: what a one-width export needs)",
     "reduction": "how per-parameter scores become one score per group member: one of "
                  f"{'|'.join(structure.REDUCTIONS)}",
     "max_ratio": "at most this fraction of any group is removed, in [0, 1]",
@@ -123,6 +157,7 @@ def add_common_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   c.calibration_batches = 8  # N batches averaged per criterion and seed
   c.targets = "0.95,0.9,0.85"  # kept fractions of the dense parameter count
   c.prune = "all"  # "all", "attention" or "mlp": which groups may be pruned
+  c.scope = "global"  # plan.SCOPES
   c.reduction = "paper"  # structure.REDUCTIONS
   c.max_ratio = 0.9  # at most this fraction of a group goes
   c.split_seed = 0  # the held-out split (independent of the calibration seeds)
@@ -155,6 +190,7 @@ def check_common(config: ml_collections.ConfigDict) -> dict:
     raise ValueError(f"targets={config.targets!r}: kept-params fractions in (0, 1].")
   if config.prune not in ("all", "attention", "mlp"):
     raise ValueError(f"prune={config.prune!r}; accepted: 'all', 'attention', 'mlp'.")
+  check_choice("scope", config.scope, plan.SCOPES)
   if config.reduction not in structure.REDUCTIONS:
     raise ValueError(f"reduction={config.reduction!r}; accepted: {structure.REDUCTIONS}.")
   if config.calibration_batches < 1:
@@ -221,7 +257,8 @@ def check_task(task: "Task", config: ml_collections.ConfigDict, parsed: dict):
   zeros = {g.name: np.zeros(g.size) for g in traced.groups}
   try:
     plan.select(traced, zeros, target=plan.KeptParams(min(parsed["targets"])),
-                max_ratio=config.max_ratio)
+                max_ratio=config.max_ratio, scope=config.scope,
+                frozen=task.frozen_groups(traced))
   except ValueError as error:
     raise ValueError(f"targets={config.targets!r}: {error}") from None
   devices = parsed["mesh"][0] if parsed["mesh"] else jax.device_count()
@@ -334,6 +371,8 @@ def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed
   os.makedirs(os.path.join(workdir, "runs"), exist_ok=True)
   if task.recover is not None:
     os.makedirs(os.path.join(workdir, "recovered"), exist_ok=True)
+  if task.export is not None:
+    os.makedirs(os.path.join(workdir, "export"), exist_ok=True)
   dense_path = os.path.join(workdir, "dense.json")
   if os.path.exists(dense_path):
     dense = cli.read_json(dense_path, what="the cached dense evaluation")
@@ -356,7 +395,9 @@ def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed
   costs = (cli.read_json(costs_path, what="the cached costs of the criteria")
            if os.path.exists(costs_path) else {})
 
-  rows = []
+  rows, exported = [], {}
+  if task.export is not None:
+    exported["dense"] = _exported(task.export, lambda: task.model, "dense", workdir)
   for seed in parsed["seeds"]:
     batches = None
     for name in parsed["criteria"]:
@@ -384,32 +425,32 @@ def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed
                                    mesh)
         cli.write_json(costs_path, costs)
         print(f"cost {name}: {costs[name]}")
-      group_vectors = grouped
       for target in parsed["targets"]:
-        run_name = f"{name}_seed{seed}_{target:g}"
-        run_path = os.path.join(workdir, "runs", f"{run_name}.json")
-        compacted = None
+        run = _Run(task, traced, grouped, target, config, seed, f"{name}_seed{seed}_{target:g}",
+                   workdir)
+        run_path = os.path.join(workdir, "runs", f"{run.name}.json")
         if os.path.exists(run_path):
           row = cli.read_json(run_path, what="a cached pruned evaluation")
         else:
-          row, compacted = _prune_and_evaluate(task, traced, group_vectors, target, config,
-                                               dense_params)
+          row = _prune_and_evaluate(task, run, config, dense_params)
           row.update(criterion=name, seed=seed, target=target, scoring_seconds=seconds,
                      peak_rss_bytes=_peak_rss_bytes())
           cli.write_json(run_path, row)
         print(f"{name} seed {seed} target {target:g}: {task.metric}={row[task.metric]:.4f} "
               f"kept_params={row['kept_params']:.4f}")
         if task.recover is not None:
-          if compacted is None:
-            compacted = _compact(task, traced, group_vectors, target, config)[2]
-          row = {**row, **_recovered(task, compacted, seed, workdir, run_name)}
+          row = {**row, **_recovered(task, run, workdir)}
           print(f"{name} seed {seed} target {target:g} recovered: "
                 f"{task.metric}={row['after_recovery'][task.metric]:.4f}")
+        if task.export is not None and task.export.wanted(name, seed):
+          exported[run.name] = _exported(task.export, run.final, run.name, workdir)
         rows.append(row)
 
   results = {"config": config.to_dict(), "dense": dense, "runs": rows, "costs": costs,
              "info": task.info, "metric": task.metric, "dense_params": dense_params,
              "groups": {g.name: g.size for g in traced.groups}}
+  if task.export is not None:
+    results["export"] = {"files": exported, "compare": _compared(task.export, exported, workdir)}
   cli.write_json(os.path.join(workdir, "results.json"), results)
   text_report.plot(results, os.path.join(workdir, f"{task.metric}.png"))
   print(text_report.table(results))
@@ -421,15 +462,46 @@ def _peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _recovered(task: Task, compacted: nnx.Module, seed: int, workdir: str, run_name: str) -> dict:
-  """{"after_recovery": metrics, "recovery_seconds", ...} of the recovered `compacted` model,
-  cached in recovered/<run_name>.json; the recovery resumes from recovery/<run_name>/."""
-  path = os.path.join(workdir, "recovered", f"{run_name}.json")
+class _Run:
+  """One (criterion, seed, target) run: its plan and models, each built when first needed."""
+
+  def __init__(self, task: Task, traced, group_vectors, target: float, config, seed: int,
+               name: str, workdir: str):
+    self.task, self.traced, self.group_vectors = task, traced, group_vectors
+    self.target, self.config, self.seed, self.name = target, config, seed, name
+    self.workdir = workdir
+
+  @functools.cached_property
+  def pruned(self):
+    """(plan, masked model, compacted model) of the target on the group scores."""
+    chosen = plan.select(self.traced, self.group_vectors, target=plan.KeptParams(self.target),
+                         max_ratio=self.config.max_ratio, scope=self.config.scope,
+                         frozen=self.task.frozen_groups(self.traced))
+    masked = masks.apply(self.task.model, chosen)
+    return chosen, masked, surgery.compact(masked, chosen)
+
+  def recover(self) -> tuple[nnx.Module, dict]:
+    """`Task.recover` of the compacted model, resuming from (or finished in) its directory
+    under workdir/recovery."""
+    return self.task.recover(self.pruned[2], self.seed,
+                             os.path.join(self.workdir, "recovery", self.name),
+                             f"recover {self.name}")
+
+  def final(self) -> nnx.Module:
+    """The model the run hands over: recovered when the task recovers, else compacted."""
+    if self.task.recover is None:
+      return self.pruned[2]
+    return self.recover()[0]
+
+
+def _recovered(task: Task, run: _Run, workdir: str) -> dict:
+  """{"after_recovery": metrics, "recovery_seconds", ...} of the recovered run, cached in
+  recovered/<run name>.json; the recovery resumes from recovery/<run name>/."""
+  path = os.path.join(workdir, "recovered", f"{run.name}.json")
   if os.path.exists(path):
     return cli.read_json(path, what="a cached recovered evaluation")
   start = time.perf_counter()
-  model, info = task.recover(compacted, seed, os.path.join(workdir, "recovery", run_name),
-                             f"recover {run_name}")
+  model, info = run.recover()
   seconds = time.perf_counter() - start
   start = time.perf_counter()
   metrics = task.evaluate(model)
@@ -440,18 +512,32 @@ def _recovered(task: Task, compacted: nnx.Module, seed: int, workdir: str, run_n
   return result
 
 
-def _compact(task: Task, traced, group_vectors, target: float, config):
-  """(plan, masked model, compacted model) of `target` on the group scores."""
-  chosen = plan.select(traced, group_vectors, target=plan.KeptParams(target),
-                       max_ratio=config.max_ratio)
-  masked = masks.apply(task.model, chosen)
-  return chosen, masked, surgery.compact(masked, chosen)
+def _exported(export: Export, model: Callable[[], nnx.Module], name: str, workdir: str) -> dict:
+  """`export.write` of `model()` as `name`, cached in export/<name>.json."""
+  path = os.path.join(workdir, "export", f"{name}.json")
+  if os.path.exists(path):
+    return cli.read_json(path, what="a cached export")
+  start = time.perf_counter()
+  result = {**export.write(model(), name, os.path.join(workdir, "export")),
+            "export_seconds": time.perf_counter() - start}
+  cli.write_json(path, result)
+  return cli.read_json(path, what="a cached export")  # as a resumed run reads it
 
 
-def _prune_and_evaluate(task: Task, traced, group_vectors, target: float, config,
-                        dense_params: int) -> tuple[dict, nnx.Module]:
-  """The row of one pruned model, and its compacted model."""
-  chosen, masked, compacted = _compact(task, traced, group_vectors, target, config)
+def _compared(export: Export, exported: dict, workdir: str) -> dict:
+  """`export.compare` of the exported files, cached in export/compare.json for these names."""
+  path = os.path.join(workdir, "export", "compare.json")
+  if os.path.exists(path):
+    cached = cli.read_json(path, what="the cached comparison of the exported files")
+    if cached.get("names") == sorted(exported):
+      return cached
+  cli.write_json(path, {"names": sorted(exported), **export.compare(exported)})
+  return cli.read_json(path, what="the cached comparison of the exported files")
+
+
+def _prune_and_evaluate(task: Task, run: _Run, config, dense_params: int) -> dict:
+  """The row of one pruned model."""
+  chosen, masked, compacted = run.pruned
   masked_out = masked(*task.example_inputs)
   compact_out = compacted(*task.example_inputs)
   start = time.perf_counter()
@@ -462,5 +548,4 @@ def _prune_and_evaluate(task: Task, traced, group_vectors, target: float, config
           "kept_params": params / dense_params,
           "kept_macs": chosen.predicted.macs / chosen.dense.macs,
           "removed": {g: len(v) for g, v in chosen.removed.items() if len(v)},
-          "max_abs_compact_minus_masked": float(jnp.max(jnp.abs(compact_out - masked_out)))
-          }, compacted
+          "max_abs_compact_minus_masked": float(jnp.max(jnp.abs(compact_out - masked_out)))}

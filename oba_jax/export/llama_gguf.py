@@ -298,3 +298,38 @@ def _add_tensors(gguf, writer, model: Llama, dtype: str, ffn_dim) -> dict[str, s
       writer.add_tensor(name, value.astype(np.float16) if kind == "F16" else value)
     types[name] = kind
   return types
+
+
+def byte_level_source(path: str | os.PathLike, *, head_dim: int, context_length: int,
+                      name: str = "byte-level Llama") -> str:
+  """Writes a metadata-only GGUF source for a model whose tokens are the 256 bytes (the CLIs'
+  smoke Llama) and whose heads have `head_dim` features: GPT-2's byte-level BPE over bytes 0-254
+  and one merge (two spaces) as token 255, since llama.cpp needs merges. `export_gguf(model, ..., source=path)` then gives a file llama.cpp loads.
+  Returns `path`."""
+  import gguf
+  printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+  symbols, extra = [], 0
+  for byte in range(256):  # GPT-2's byte-to-unicode table: unprintable bytes map past 255
+    symbols.append(chr(byte) if byte in printable else chr(256 + extra))
+    extra += byte not in printable
+  writer = gguf.GGUFWriter(None, "llama")
+  writer.add_name(name)
+  writer.add_context_length(context_length)
+  writer.add_key_length(head_dim)
+  writer.add_value_length(head_dim)
+  writer.add_tokenizer_model("gpt2")
+  writer.add_tokenizer_pre("default")
+  space = symbols[ord(" ")]
+  writer.add_token_list(symbols[:255] + [space * 2])
+  writer.add_token_types([1] * 256)
+  writer.add_token_merges([f"{space} {space}"])
+  writer.add_eos_token_id(0)
+
+  def write(f):
+    writer.fout, writer.state = [f], gguf.gguf_writer.WriterState.EMPTY
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+
+  files.write_atomic(path, write)
+  return os.fspath(path)
