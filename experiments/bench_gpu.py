@@ -21,7 +21,6 @@ import functools
 import os
 import platform
 import statistics
-import sys
 import time
 
 import jax
@@ -31,10 +30,7 @@ import numpy as np
 import oba_jax
 from oba_jax import criteria, models, plan, structure, surgery
 from oba_jax.experiments import cli
-from oba_jax.runtime import enable_compilation_cache
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_scores import peak_bytes  # pylint: disable=g-import-not-at-top,wrong-import-position
+from oba_jax.runtime import enable_compilation_cache, peak_bytes
 
 CURVATURES = ("hessian", "ggn", "residual", "bilinear")
 # (name, model, batch, model arguments, image size); tiny: the same code on small models.

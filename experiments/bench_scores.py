@@ -83,12 +83,6 @@ def candidates(objective):
   }
 
 
-def peak_bytes(compiled) -> int:
-  m = compiled.memory_analysis()
-  return (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
-          - m.alias_size_in_bytes)
-
-
 def measure(depth: int, args) -> dict:
   """Compiles every candidate at `depth`, times them interleaved; the record of that depth."""
   objective, params, batch = build(depth, args.width, args.batch, args.train_bn)
@@ -100,7 +94,7 @@ def measure(depth: int, args) -> dict:
     start = time.perf_counter()
     compiled[name] = runtime.jit(fn).lower(params, batch).compile()
     compile_s[name] = time.perf_counter() - start
-    memory[name] = peak_bytes(compiled[name])
+    memory[name] = runtime.peak_bytes(compiled[name])
     barriers[name] = compiled[name].as_text().count("opt-barrier")
     jax.block_until_ready(compiled[name](params, batch))  # warm-up
     print(f"depth {depth}: compiled {name:9s} in {compile_s[name]:5.1f} s, peak XLA memory "

@@ -40,6 +40,20 @@ def jit(fun: Callable | None = None, **jit_kwargs) -> Callable:
   return call
 
 
+def peak_bytes(compiled) -> int | None:
+  """The memory a compiled program holds at once by XLA's own analysis: arguments, outputs
+  and temporaries, less the outputs that alias arguments; None where the backend has no
+  analysis. Deterministic, unlike a process's resident size, so costs compare across runs."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  (not every backend implements it)
+    return None
+  if m is None:
+    return None
+  return int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
 def keep_optimization_barriers() -> bool:
   """Keeps `jax.lax.optimization_barrier` in XLA:CPU programs compiled by this process.
 

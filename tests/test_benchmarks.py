@@ -20,6 +20,27 @@ def test_bench_gpu_runs_at_tiny_size(tmp_path):
     assert sorted(case["rows"]) == ["bilinear", "ggn", "grad", "hessian", "residual"]
     assert all(row["median_s"] > 0 and row["peak_bytes"] > 0 for row in case["rows"].values())
   assert record["latency"]["kept_macs"] <= 0.5 and record["skipped"] == []
+  text = json.loads((tmp_path / "bench_gpu_text.json").read_text())  # the transformers too
+  assert sorted(text["models"]) == ["minilm", "smollm2"] and text["skipped"] == {}
+
+
+def test_bench_text_scores_measures_every_criterion_against_the_gradient(tmp_path):
+  out = tmp_path / "text.json"
+  done = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "bench_text_scores.py"), "--tiny",
+       "--reps", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  record = json.loads(out.read_text())
+  rows = record["models"]["smollm2"]["rows"]
+  assert {"grad", "oba", "oba_bilinear", "obd_fisher"} <= set(rows)
+  assert "obd_fisher" not in record["models"]["minilm"]["rows"]  # the CLI's own criteria
+  for row in rows.values():
+    assert row["median_s"] > 0 and row["peak_bytes"] > 0 and row["ratio_to_grad"] > 0
+  assert rows["grad"]["ratio_to_grad"] == 1.0 and rows["oba"]["goal"] == 2.2
+  bad = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "bench_text_scores.py"), "--models",
+       "gpt2"], capture_output=True, text=True, timeout=600)
+  assert bad.returncode == 2 and "gpt2" in bad.stderr and "smollm2" in bad.stderr
 
 
 def test_bench_scores_depth_table_runs_at_tiny_size(tmp_path):

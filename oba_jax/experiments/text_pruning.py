@@ -48,7 +48,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from oba_jax import criteria, estimate, files, masks, plan, structure, surgery
+from oba_jax import criteria, estimate, files, masks, plan, runtime, structure, surgery
 from oba_jax.data import wordnet
 from oba_jax.experiments import cli, text_report
 from oba_jax.functional import Objective, functional
@@ -349,13 +349,9 @@ def _cost(step, grad, params, batch) -> dict:
   compiled = step.lower(params, batch).compile()
   compile_seconds = time.perf_counter() - start
   out = {"compile_seconds": compile_seconds}
-  try:
-    memory = compiled.memory_analysis()
-    out["xla_bytes"] = int(memory.argument_size_in_bytes + memory.output_size_in_bytes
-                           + memory.temp_size_in_bytes)
-    out["xla_temp_bytes"] = int(memory.temp_size_in_bytes)
-  except Exception:  # memory analysis is not available on every backend
-    pass
+  if runtime.peak_bytes(compiled) is not None:
+    out["xla_bytes"] = runtime.peak_bytes(compiled)
+    out["xla_temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
   out["seconds"] = _time(compiled, params, batch)
   out["gradient_seconds"] = _time(grad, params, batch)
   out["in_gradients"] = out["seconds"] / out["gradient_seconds"]
