@@ -101,15 +101,7 @@ def export_gguf(model: Llama, path: str | os.PathLike, *, source: str | os.PathL
   _add_metadata(gguf, writer, arch, layout, fields, source, dtype, context_length)
   types = _add_tensors(gguf, writer, model, dtype, layout["ffn_dim"])
 
-  def write(f):
-    # The writer writes to the stream `write_atomic` opened: `open_output_file` keeps an output
-    # that is already set in the EMPTY state.
-    writer.fout, writer.state = [f], gguf.gguf_writer.WriterState.EMPTY
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-
-  files.write_atomic(path, write)
+  _write_atomic(gguf, writer, path)
   uniform = arch == "llama"
   return {"path": os.path.abspath(os.fspath(path)), "bytes": os.path.getsize(path),
           "architecture": arch, "head_dim": layout["head_dim"],
@@ -325,11 +317,18 @@ def byte_level_source(path: str | os.PathLike, *, head_dim: int, context_length:
   writer.add_token_merges([f"{space} {space}"])
   writer.add_eos_token_id(0)
 
+  _write_atomic(gguf, writer, path)
+  return os.fspath(path)
+
+
+def _write_atomic(gguf, writer, path) -> None:
+  """`writer`'s file at `path`, atomically (`files.write_atomic`)."""
   def write(f):
+    # The writer writes to the stream `write_atomic` opened: `open_output_file` keeps an output
+    # that is already set in the EMPTY state.
     writer.fout, writer.state = [f], gguf.gguf_writer.WriterState.EMPTY
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
 
   files.write_atomic(path, write)
-  return os.fspath(path)
