@@ -16,7 +16,9 @@ Memory target: every score's peak <= 2.5x the gradient step's.
 Over depth (`--depth 20,32,56,110`): the same at each depth in one process, and a
 table of each score's cost in gradients (it should stay flat with depth) and the
 gradient's own time per layer (conv and dense kernels), which would be flat if
-XLA:CPU's cost were linear in depth.
+XLA:CPU's cost were linear in depth. `--torch` (with `--train-bn`) also times PyTorch's
+gradient of the same network in the same rounds (bench_depth.py's twin; its threads are
+torch's default).
 
 Every program compiles as the library's own (`runtime.jit`, which keeps optimization
 barriers per computation on XLA:CPU); the run also sets the process flag
@@ -30,6 +32,8 @@ show whether the flag still matters. Each row records its compiled program's bar
       --out experiments/results/bench_scores_kfac.json
   python experiments/bench_scores.py --depth 20,32,56,110 --width 16 --only hessian,bilinear \
       --reps 5 --out experiments/results/bench_scores_depth.json
+  python experiments/bench_scores.py --depth 20,56,110 --width 16 --train-bn --torch \
+      --only hessian,residual,bilinear --reps 3 [--no-flag]
 """
 
 import argparse
@@ -100,12 +104,26 @@ def measure(depth: int, args) -> dict:
     print(f"depth {depth}: compiled {name:9s} in {compile_s[name]:5.1f} s, peak XLA memory "
           f"{memory[name] / 2**20:8.1f} MiB", flush=True)
 
+  torch_step = torch_info = None
+  if args.torch:  # PyTorch's gradient of the same network, in this process (bench_depth's twin)
+    from bench_depth import torch_gradient  # pylint: disable=g-import-not-at-top
+    made = torch_gradient(depth, args.width, (np.asarray(batch["image"]),
+                                              np.asarray(batch["label"])))
+    if made is None:
+      print("--torch: PyTorch is not installed (pip install torch==2.13.0); skipped", flush=True)
+    else:
+      torch_step, torch_info = made[0], {"version": made[1], "threads": made[2]}
   times = {name: [] for name in fns}
+  torch_times = []
   for rep in range(args.reps):
     for name, fn in compiled.items():  # interleaved, so machine noise hits all alike
       start = time.perf_counter()
       jax.block_until_ready(fn(params, batch))
       times[name].append(time.perf_counter() - start)
+    if torch_step is not None:
+      start = time.perf_counter()
+      torch_step()
+      torch_times.append(time.perf_counter() - start)
     print(f"round {rep + 1}/{args.reps}: " + ", ".join(
         f"{n} {t[-1]:.3f}s" for n, t in times.items()), flush=True)
 
@@ -125,10 +143,17 @@ def measure(depth: int, args) -> dict:
   num_params = sum(x.size for x in jax.tree.leaves(params))
   layers = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(params)
                if "kernel" in jax.tree_util.keystr(path))
-  return {"model": f"wide ResNet-{depth} (width {args.width}), {num_params} params, "
-                   f"BN {'train' if args.train_bn else 'eval'}",
-          "depth": depth, "layers": layers,
-          "grad_s_per_layer": median["grad"] / layers, "rows": rows}
+  record = {"model": f"wide ResNet-{depth} (width {args.width}), {num_params} params, "
+                     f"BN {'train' if args.train_bn else 'eval'}",
+            "depth": depth, "layers": layers,
+            "grad_s_per_layer": median["grad"] / layers, "rows": rows}
+  if torch_times:
+    record["torch"] = {**torch_info, "median_s": statistics.median(torch_times),
+                       "times_s": torch_times,
+                       "jax_grad_over_torch": median["grad"] / statistics.median(torch_times)}
+    print(f"PyTorch gradient {record['torch']['median_s']:.3f} s: JAX's gradient is "
+          f"{record['torch']['jax_grad_over_torch']:.2f}x it", flush=True)
+  return record
 
 
 def depth_table(records: list[dict]) -> str:
@@ -136,11 +161,14 @@ def depth_table(records: list[dict]) -> str:
   names = [r["score"] for r in records[0]["rows"] if r["score"] != "grad"]
   first = records[0]["grad_s_per_layer"]
   lines = [f"{'depth':>5s} {'layers':>6s} {'grad s':>7s} {'ms/layer':>8s} {'vs first':>8s} "
-           + " ".join(f"{n:>9s}" for n in names)]
+           f"{'torch s':>7s} {'JAX/torch':>9s} " + " ".join(f"{n:>9s}" for n in names)]
   for r in records:
     by = {row["score"]: row for row in r["rows"]}
+    torch = r.get("torch", {})
     lines.append(f"{r['depth']:5d} {r['layers']:6d} {by['grad']['median_s']:7.3f} "
                  f"{1e3 * r['grad_s_per_layer']:8.2f} {r['grad_s_per_layer'] / first:8.2f} "
+                 f"{torch.get('median_s', float('nan')):7.3f} "
+                 f"{torch.get('jax_grad_over_torch', float('nan')):9.2f} "
                  + " ".join(f"{by[n]['ratio_to_grad']:9.2f}" for n in names))
   return "\n".join(lines)
 
@@ -155,8 +183,12 @@ def main():
   parser.add_argument("--only", default="", help="comma-separated subset of the candidates")
   parser.add_argument("--no-flag", action="store_true",
                       help="do not set the process flag runtime.keep_optimization_barriers()")
+  parser.add_argument("--torch", action="store_true",
+                      help="also time PyTorch's gradient of the same network (needs --train-bn)")
   parser.add_argument("--out", default="experiments/results/bench_scores.json")
   args = parser.parse_args()
+  if args.torch and not args.train_bn:
+    parser.error("--torch times PyTorch's network with BatchNorm in training mode: add --train-bn.")
   # The programs compile as the library's own do (`runtime.jit`: barriers kept per
   # computation); --no-flag leaves out the process-wide flag to show it is not needed.
   if not args.no_flag:

@@ -1,5 +1,6 @@
 """The benchmarks run end to end at tiny size (their figures are not checked)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -47,13 +48,16 @@ def test_bench_scores_depth_table_runs_at_tiny_size(tmp_path):
   out = tmp_path / "depth.json"
   done = subprocess.run(
       [sys.executable, os.path.join(ROOT, "experiments", "bench_scores.py"), "--depth", "8,14",
-       "--width", "2", "--batch", "4", "--reps", "1", "--only", "hessian", "--out", str(out)],
+       "--width", "2", "--batch", "4", "--reps", "1", "--only", "hessian", "--train-bn",
+       "--torch", "--out", str(out)],
       capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   record = json.loads(out.read_text())
   assert [r["depth"] for r in record["depths"]] == [8, 14]
   assert [r["layers"] for r in record["depths"]] == [10, 16]  # convs, shortcut convs, classifier
-  assert "ms/layer" in done.stdout
+  assert "ms/layer" in done.stdout and "JAX/torch" in done.stdout
+  if importlib.util.find_spec("torch") is not None:  # PyTorch's gradient in the same rounds
+    assert all(r["torch"]["median_s"] > 0 for r in record["depths"])
 
 
 def test_bench_smoke_times_a_smoke_run_against_the_budget():
