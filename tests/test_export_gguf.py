@@ -12,6 +12,7 @@ from oba_jax import plan as plan_lib
 from oba_jax import structure as structure_lib
 from oba_jax import surgery
 from oba_jax.export import ExportError, export_gguf, head_size_groups
+from oba_jax.export.llama_gguf import byte_symbols
 from oba_jax.models import Llama, ResNetCIFAR
 from oba_jax.weights import llama_gguf
 from oba_jax.weights.fill import ArchitectureError
@@ -20,20 +21,6 @@ gguf = pytest.importorskip("gguf")
 
 TINY = dict(vocab_size=256, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=32)
 TOKENS = np.array([[3, 17, 200, 45, 9, 88, 120, 7, 64, 5]])
-
-
-def _byte_symbols() -> list[str]:
-  """The 256 byte-level BPE symbols: printable Latin-1 bytes stand for themselves, the others
-  for the code points 256, 257, ... in byte order (GPT-2's byte-to-unicode table)."""
-  printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-  symbols, extra = [], 0
-  for byte in range(256):
-    if byte in printable:
-      symbols.append(chr(byte))
-    else:
-      symbols.append(chr(256 + extra))
-      extra += 1
-  return symbols
 
 
 def _write_source(path, *, arch="llama", extra=None) -> str:
@@ -52,7 +39,7 @@ def _write_source(path, *, arch="llama", extra=None) -> str:
   writer.add_layer_norm_rms_eps(1e-5)
   writer.add_tokenizer_model("gpt2")
   writer.add_tokenizer_pre("default")
-  symbols = _byte_symbols()
+  symbols = byte_symbols()
   writer.add_token_list(symbols[:255] + [symbols[32] * 2])
   writer.add_token_types([1] * 256)
   writer.add_token_merges([f"{symbols[32]} {symbols[32]}"])

@@ -64,6 +64,7 @@ steps. `--config.preset=issue23 --config.smoke=True` exercises every stage in se
 """
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -80,6 +81,7 @@ from oba_jax.export import huggingface
 from oba_jax.export import llama_gguf as gguf_export
 from oba_jax.functional import next_token
 from oba_jax.models import Llama
+from oba_jax.validate import check_choice, check_count
 
 
 CALIBRATION_TEXTS = ("definitions", "examples")
@@ -369,6 +371,7 @@ def _export(config, dense, encode, source, held_out_tokens) -> text_pruning.Expo
   prompt = encode(PROMPT)
   missing = clients.missing() if e.check else {}
 
+  @functools.cache  # the smoke source is written once per directory, not per exported model
   def gguf_source(directory):
     if source is not None:
       return source["path"]
@@ -377,7 +380,7 @@ def _export(config, dense, encode, source, held_out_tokens) -> text_pruning.Expo
                                          head_dim=head_dim, context_length=512)
 
   def write(model, name, directory):
-    out = {"params": sum(int(np.size(x)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))}
+    out = {}
     if "gguf" in formats:
       path = os.path.join(directory, f"{name}.{e.gguf_dtype}.gguf")
       summary = export_gguf(model, path, source=gguf_source(directory), dtype=e.gguf_dtype)
@@ -438,14 +441,10 @@ def check_export(config: ml_collections.ConfigDict) -> None:
   if e.criterion and e.criterion not in cli.names(config.criteria):
     raise ValueError(f"export.criterion={e.criterion!r} is not one of criteria="
                      f"{config.criteria!r}.")
-  if e.gguf_dtype not in gguf_export.DTYPES:
-    raise ValueError(f"export.gguf_dtype={e.gguf_dtype!r}; accepted: {gguf_export.DTYPES}.")
-  if e.hf_dtype not in huggingface.DTYPES:
-    raise ValueError(f"export.hf_dtype={e.hf_dtype!r}; accepted: {sorted(huggingface.DTYPES)}.")
+  check_choice("export.gguf_dtype", e.gguf_dtype, gguf_export.DTYPES)
+  check_choice("export.hf_dtype", e.hf_dtype, huggingface.DTYPES)
   for key in ("sequences", "generate", "reps", "threads"):
-    value = e[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"export.{key}={value!r} must be a positive integer.")
+    check_count(e[key], f"export.{key}")
   if e.sequences > config.batch_size:
     raise ValueError(f"export.sequences={e.sequences} must be at most batch_size="
                      f"{config.batch_size} (they are rows of the first held-out batch).")

@@ -454,6 +454,10 @@ def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed
   return results
 
 
+def _param_count(model: nnx.Module) -> int:
+  return sum(int(np.size(x)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
 def _peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -476,7 +480,8 @@ class _Run:
     masked = masks.apply(self.task.model, chosen)
     return chosen, masked, surgery.compact(masked, chosen)
 
-  def recover(self) -> tuple[nnx.Module, dict]:
+  @functools.cached_property
+  def recovered(self) -> tuple[nnx.Module, dict]:
     """`Task.recover` of the compacted model, resuming from (or finished in) its directory
     under workdir/recovery."""
     return self.task.recover(self.pruned[2], self.seed,
@@ -487,7 +492,7 @@ class _Run:
     """The model the run hands over: recovered when the task recovers, else compacted."""
     if self.task.recover is None:
       return self.pruned[2]
-    return self.recover()[0]
+    return self.recovered[0]
 
 
 def _recovered(task: Task, run: _Run, workdir: str) -> dict:
@@ -497,7 +502,7 @@ def _recovered(task: Task, run: _Run, workdir: str) -> dict:
   if os.path.exists(path):
     return cli.read_json(path, what="a cached recovered evaluation")
   start = time.perf_counter()
-  model, info = run.recover()
+  model, info = run.recovered
   seconds = time.perf_counter() - start
   start = time.perf_counter()
   metrics = task.evaluate(model)
@@ -509,13 +514,14 @@ def _recovered(task: Task, run: _Run, workdir: str) -> dict:
 
 
 def _exported(export: Export, model: Callable[[], nnx.Module], name: str, workdir: str) -> dict:
-  """`export.write` of `model()` as `name`, cached in export/<name>.json."""
+  """`export.write` of `model()` as `name`, with its parameter count and seconds, cached in
+  export/<name>.json."""
   path = os.path.join(workdir, "export", f"{name}.json")
   if os.path.exists(path):
     return cli.read_json(path, what="a cached export")
-  start = time.perf_counter()
-  result = {**export.write(model(), name, os.path.join(workdir, "export")),
-            "export_seconds": time.perf_counter() - start}
+  start, exported = time.perf_counter(), model()
+  result = {**export.write(exported, name, os.path.join(workdir, "export")),
+            "params": _param_count(exported), "export_seconds": time.perf_counter() - start}
   cli.write_json(path, result)
   return cli.read_json(path, what="a cached export")  # as a resumed run reads it
 
@@ -538,7 +544,7 @@ def _prune_and_evaluate(task: Task, run: _Run, config, dense_params: int) -> dic
   compact_out = compacted(*task.example_inputs)
   start = time.perf_counter()
   metrics = task.evaluate(compacted if config.eval_compacted else masked)
-  params = sum(int(np.size(x)) for x in jax.tree.leaves(functional(compacted)[1]))
+  params = _param_count(compacted)
   return {**metrics, "eval_seconds": time.perf_counter() - start,
           "evaluated": "compacted" if config.eval_compacted else "masked",
           "kept_params": params / dense_params,

@@ -292,18 +292,25 @@ def _add_tensors(gguf, writer, model: Llama, dtype: str, ffn_dim) -> dict[str, s
   return types
 
 
+def byte_symbols() -> list[str]:
+  """The 256 byte-level BPE symbols (GPT-2's byte-to-unicode table): printable Latin-1 bytes
+  stand for themselves, the others for the code points 256, 257, ... in byte order."""
+  printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+  symbols, extra = [], 0
+  for byte in range(256):
+    symbols.append(chr(byte) if byte in printable else chr(256 + extra))
+    extra += byte not in printable
+  return symbols
+
+
 def byte_level_source(path: str | os.PathLike, *, head_dim: int, context_length: int,
                       name: str = "byte-level Llama") -> str:
   """Writes a metadata-only GGUF source for a model whose tokens are the 256 bytes (the CLIs'
   smoke Llama) and whose heads have `head_dim` features: GPT-2's byte-level BPE over bytes 0-254
-  and one merge (two spaces) as token 255, since llama.cpp needs merges. `export_gguf(model, ..., source=path)` then gives a file llama.cpp loads.
-  Returns `path`."""
+  and one merge (two spaces) as token 255, since llama.cpp needs merges.
+  `export_gguf(model, ..., source=path)` then gives a file llama.cpp loads. Returns `path`."""
   import gguf
-  printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-  symbols, extra = [], 0
-  for byte in range(256):  # GPT-2's byte-to-unicode table: unprintable bytes map past 255
-    symbols.append(chr(byte) if byte in printable else chr(256 + extra))
-    extra += byte not in printable
+  symbols = byte_symbols()
   writer = gguf.GGUFWriter(None, "llama")
   writer.add_name(name)
   writer.add_context_length(context_length)
