@@ -13,7 +13,8 @@ formulation) and depth it records, in that subprocess:
   where asked (--torch), PyTorch's gradient of the same architecture (NCHW, float32,
     BN train, `loss.backward()`) timed interleaved in the same process,
   for the profile variants, XLA:CPU's per-op time by fusion kind (a jax.profiler trace
-    with --xla_cpu_enable_xprof_traceme).
+    with --xla_cpu_enable_xprof_traceme), and with --torch PyTorch's per-op self time
+    (torch.profiler) of the same step, in the same process.
 
   python experiments/bench_depth.py --depths 20,32,56 --reps 5 \
       --out experiments/results/bench_depth.json
@@ -226,6 +227,21 @@ def profile(compiled, params, batch, calls=2) -> dict:
                       for k, v in sorted(ms.items(), key=lambda kv: -kv[1])}}
 
 
+def torch_profile(step, calls=2) -> dict:
+  """Milliseconds per call of PyTorch's ops (self CPU time, by aten op), as `profile` for XLA."""
+  import torch
+  step()
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    start = time.perf_counter()
+    for _ in range(calls):
+      step()
+    wall = (time.perf_counter() - start) / calls
+  by_op = {e.key: {"ms": round(e.self_cpu_time_total / 1e3 / calls, 3), "ops": e.count // calls}
+           for e in prof.key_averages() if e.self_cpu_time_total > 0}
+  return {"wall_ms": 1e3 * wall, "ops_ms": sum(v["ms"] for v in by_op.values()),
+          "by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1]["ms"]))}
+
+
 def worker(args) -> dict:
   import jax
   import numpy as np
@@ -276,9 +292,12 @@ def worker(args) -> dict:
           f"temp {rec['hlo']['temp_mib']:.0f} MiB", file=sys.stderr, flush=True)
 
   if options.get("profile"):
-    for depth, (fn, params, batch, _) in compiled.items():
+    for depth, (fn, params, batch, torch_step) in compiled.items():
       record[depth]["profile"] = profile(fn, params, batch)
       record[depth]["times_s"] = [record[depth]["profile"]["wall_ms"] / 1e3]
+      if torch_step is not None:  # PyTorch's ops in the same process, after XLA's
+        record[depth]["torch_profile"] = torch_profile(torch_step)
+        record[depth]["torch_times_s"] = [record[depth]["torch_profile"]["wall_ms"] / 1e3]
   else:
     for rep in range(args.reps):  # interleaved over depths (and PyTorch)
       for depth, (fn, params, batch, torch_step) in compiled.items():

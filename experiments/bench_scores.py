@@ -11,6 +11,9 @@ compiled executables' memory analysis) of, on the paper's wide CIFAR ResNet:
   hutch1    scores.obd(diag="hutchinson"), one probe    (for information)
   kron_obd  scores.kron_obd, K-FAC factors, one label   (for information)
   kron_obs  scores.kron_obs, K-FAC factors, one label   (for information)
+  hessian@values, residual@values, bilinear@values: the same scores along δ given as
+            arrays (`delta=`), i.e. with `jax.jvp`'s products instead of the removal's
+            (`oba_jax.removal_jvp`): the cost before the removal was kept symbolic
 Memory target: every score's peak <= 2.5x the gradient step's.
 
 Over depth (`--depth 20,32,56,110`): the same at each depth in one process, and a
@@ -34,6 +37,8 @@ show whether the flag still matters. Each row records its compiled program's bar
       --reps 5 --out experiments/results/bench_scores_depth.json
   python experiments/bench_scores.py --depth 20,56,110 --width 16 --train-bn --torch \
       --only hessian,residual,bilinear --reps 3 [--no-flag]
+  python experiments/bench_scores.py --depth 20,56,110 --width 16 --train-bn --torch --reps 3 \
+      --only hessian,residual,bilinear,hessian@values,residual@values,bilinear@values
 """
 
 import argparse
@@ -51,6 +56,7 @@ from flax import nnx
 
 import oba_jax
 from oba_jax import scores
+from oba_jax.delta import removal_delta
 from oba_jax.experiments import cli
 from oba_jax.models import ResNetCIFAR
 from oba_jax import runtime
@@ -72,6 +78,8 @@ def build(depth: int, width: int, batch_size: int, train_bn: bool):
 
 def candidates(objective):
   split = dict(model_fn=objective.model, output_loss_fn=objective.output_loss)
+  along_values = lambda score, **kw: lambda p, b: score(
+      objective.loss, p, b, delta=removal_delta(p), **kw)
   return {
       "grad": lambda p, b: jax.value_and_grad(objective.loss)(p, b),
       "hessian": functools.partial(scores.oba, objective.loss),
@@ -84,6 +92,9 @@ def candidates(objective):
                                     model_fn=objective.model),
       "kron_obs": functools.partial(scores.kron_obs, objective.loss, key=jax.random.key(0),
                                     model_fn=objective.model),
+      "hessian@values": along_values(scores.oba),
+      "residual@values": along_values(scores.oba, curvature="residual", **split),
+      "bilinear@values": along_values(scores.oba, curvature="bilinear"),
   }
 
 
@@ -93,12 +104,13 @@ def measure(depth: int, args) -> dict:
   fns = candidates(objective)
   if args.only:
     fns = {k: v for k, v in fns.items() if k == "grad" or k in args.only.split(",")}
-  compiled, memory, compile_s, barriers = {}, {}, {}, {}
+  compiled, memory, compile_s, barriers, flops = {}, {}, {}, {}, {}
   for name, fn in fns.items():
     start = time.perf_counter()
     compiled[name] = runtime.jit(fn).lower(params, batch).compile()
     compile_s[name] = time.perf_counter() - start
     memory[name] = runtime.peak_bytes(compiled[name])
+    flops[name] = (compiled[name].cost_analysis() or {}).get("flops")
     barriers[name] = compiled[name].as_text().count("opt-barrier")
     jax.block_until_ready(compiled[name](params, batch))  # warm-up
     print(f"depth {depth}: compiled {name:9s} in {compile_s[name]:5.1f} s, peak XLA memory "
@@ -129,16 +141,20 @@ def measure(depth: int, args) -> dict:
 
   median = {name: statistics.median(t) for name, t in times.items()}
   rows = []
-  print(f"\n{'score':9s} {'median s':>9s} {'x grad':>7s} {'target':>7s} {'mem x grad':>10s}")
+  print(f"\n{'score':15s} {'median s':>9s} {'x grad':>7s} {'target':>7s} {'mem x grad':>10s} "
+        f"{'FLOPs x grad':>12s}")
   for name in fns:
     ratio, mem_ratio = median[name] / median["grad"], memory[name] / memory["grad"]
     target = TARGETS.get(name)
     ok = "" if target is None else ("ok" if ratio <= target and mem_ratio <= MEMORY_TARGET
                                     else "MISSED")
-    print(f"{name:9s} {median[name]:9.3f} {ratio:7.2f} {target or '':>7} {mem_ratio:10.2f} {ok}")
+    flops_ratio = flops[name] / flops["grad"] if flops[name] and flops["grad"] else None
+    print(f"{name:15s} {median[name]:9.3f} {ratio:7.2f} {target or '':>7} {mem_ratio:10.2f} "
+          f"{flops_ratio or float('nan'):12.2f} {ok}")
     rows.append({"score": name, "median_s": median[name], "times_s": times[name],
                  "ratio_to_grad": ratio, "target_ratio": target, "peak_bytes": memory[name],
                  "memory_ratio_to_grad": mem_ratio, "compile_s": compile_s[name],
+                 "flops": flops[name], "flops_ratio_to_grad": flops_ratio,
                  "optimization_barriers": barriers[name]})
   num_params = sum(x.size for x in jax.tree.leaves(params))
   layers = sum(1 for path, _ in jax.tree_util.tree_leaves_with_path(params)
@@ -161,7 +177,7 @@ def depth_table(records: list[dict]) -> str:
   names = [r["score"] for r in records[0]["rows"] if r["score"] != "grad"]
   first = records[0]["grad_s_per_layer"]
   lines = [f"{'depth':>5s} {'layers':>6s} {'grad s':>7s} {'ms/layer':>8s} {'vs first':>8s} "
-           f"{'torch s':>7s} {'JAX/torch':>9s} " + " ".join(f"{n:>9s}" for n in names)]
+           f"{'torch s':>7s} {'JAX/torch':>9s} " + " ".join(f"{n:>{max(9, len(n))}s}" for n in names)]
   for r in records:
     by = {row["score"]: row for row in r["rows"]}
     torch = r.get("torch", {})
@@ -169,7 +185,7 @@ def depth_table(records: list[dict]) -> str:
                  f"{1e3 * r['grad_s_per_layer']:8.2f} {r['grad_s_per_layer'] / first:8.2f} "
                  f"{torch.get('median_s', float('nan')):7.3f} "
                  f"{torch.get('jax_grad_over_torch', float('nan')):9.2f} "
-                 + " ".join(f"{by[n]['ratio_to_grad']:9.2f}" for n in names))
+                 + " ".join(f"{by[n]['ratio_to_grad']:{max(9, len(n))}.2f}" for n in names))
   return "\n".join(lines)
 
 

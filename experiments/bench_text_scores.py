@@ -12,16 +12,24 @@ loss-and-gradient step, the unit. Then, per model:
 - memory: XLA's memory analysis of each compiled program (`runtime.peak_bytes`), as a multiple
   of the gradient's;
 - FLOPs: XLA's cost analysis of each compiled program, as a multiple of the gradient's: what
-  the arithmetic alone makes a score cost, against which its time is read (forward-over-reverse
-  Hessian-vector products of matrix products cost about 3 gradients in FLOPs: each product
-  W x of the forward pass gets a tangent dW x + W dx, and each of the backward pass's two
-  products gets two tangent products).
+  the arithmetic alone makes a score cost, against which its time is read (a forward-over-
+  reverse Hessian-vector product along an arbitrary direction costs about 2.7 gradients in
+  FLOPs: each product W x of the forward pass gets a tangent dW x + W dx, and each of the
+  backward pass's two products gets two tangent products; along the removal dW = -W it is
+  about 2.0, `oba_jax.removal_jvp`).
+
+A criterion named `<name>@values` (e.g. `--criteria oba,oba@values`) scores along the same
+removal given as arrays (`delta=`), i.e. with `jax.jvp`'s products: the cost before the
+removal was kept symbolic, measured in the same rounds.
 
 Goal (issue 25): oba and oba_bilinear <= 2.2 gradients. `--tiny` runs the same code on the CLIs'
 tiny random models (no downloads; what the tests run).
 
   python experiments/bench_text_scores.py --reps 3 \
       --out experiments/results/bench_text_scores.json
+  python experiments/bench_text_scores.py --reps 3 \
+      --criteria taylor,oba,oba@values,oba_bilinear,oba_bilinear@values \
+      --out experiments/results/bench_text_scores_removal.json
 """
 
 import argparse
@@ -35,10 +43,12 @@ import jax
 from flax import nnx
 
 from oba_jax import criteria, runtime
+from oba_jax.delta import removal_delta
 from oba_jax.experiments import cli, minilm_wordnet, smollm2_wordnet
 from oba_jax.functional import objective_of
 
 GOALS = {"oba": 2.2, "oba_bilinear": 2.2}
+VALUES = "@values"  # suffix: the criterion along its removal given as arrays
 # The CLI module of each model and the settings its benchmark batch uses.
 MODELS = {
     "smollm2": (smollm2_wordnet, {"sequence_length": 128, "batch_size": 8,
@@ -82,10 +92,20 @@ def programs(task, names: list[str]) -> tuple[dict, tuple]:
     apply_fn = criteria.ModelScore(names[0], graphdef, task.objective).apply_fn(c)
     return jax.value_and_grad(objective_of(task.objective, apply_fn).loss)(p, b)
 
+  def along_values(name):
+    def score(p, b, c):
+      objective = objective_of(task.objective,
+                               criteria.ModelScore(name, graphdef, task.objective).apply_fn(c))
+      return criteria.CRITERIA[name].score(objective, p, b, key, delta=removal_delta(p))
+    return score
+
   fns = {"grad": grad}
   for name in names:
-    score = criteria.ModelScore(name, graphdef, task.objective)
-    fns[name] = lambda p, b, c, score=score: score(p, b, key, constants=c)
+    if name.endswith(VALUES):
+      fns[name] = along_values(name[:-len(VALUES)])
+    else:
+      score = criteria.ModelScore(name, graphdef, task.objective)
+      fns[name] = lambda p, b, c, score=score: score(p, b, key, constants=c)
   return fns, (params, constants)
 
 
@@ -152,7 +172,7 @@ def main():
   try:
     cli.check_names("models", args.models, MODELS)
     if args.criteria:
-      cli.check_names("criteria", args.criteria, criteria.CRITERIA)
+      cli.check_names("criteria", args.criteria.replace(VALUES, ""), criteria.CRITERIA)
   except ValueError as error:
     parser.error(str(error))
   if args.reps < 1:

@@ -75,7 +75,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from oba_jax.jaxpr_calls import CUSTOM_JVP, INLINED, call_body
+from oba_jax.jaxpr_calls import CUSTOM_JVP, INLINED, bind, call_body, live_equations
 
 PyTree = Any
 
@@ -134,17 +134,6 @@ def _product_kind(name: str, flags: Sequence[Flags]) -> str | None:
   return None
 
 
-def _needed(jaxpr) -> list:
-  """The equations the outputs depend on (drops, e.g., BatchNorm's running-average updates)."""
-  needed = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
-  live = []
-  for eqn in reversed(jaxpr.eqns):
-    if any(v in needed for v in eqn.outvars):
-      live.append(eqn)
-      needed.update(v for v in eqn.invars if not isinstance(v, jcore.Literal))
-  return live[::-1]
-
-
 def _out_flags(eqn, flags: Sequence[Flags]) -> list[Flags]:
   params = any(f.params for f in flags) and eqn.primitive.name != "stop_gradient"
   data = any(f.data for f in flags)
@@ -159,7 +148,7 @@ def _find_products(jaxpr, in_flags: Sequence[Flags], found: list) -> list[Flags]
   """Appends the product terms of `jaxpr` (recursively) to `found`; returns the output flags."""
   env = dict(zip(jaxpr.invars, in_flags))
   read = lambda v: CONSTANT if isinstance(v, jcore.Literal) else env.get(v, CONSTANT)
-  for eqn in _needed(jaxpr):
+  for eqn in live_equations(jaxpr):
     flags = [read(v) for v in eqn.invars]
     name = eqn.primitive.name
     if name in INLINED or name == CUSTOM_JVP:
@@ -211,13 +200,6 @@ def _binds_as_is(name: str, flags: Sequence[Flags]) -> bool:
           or (name in PRODUCTS and sum(f.params for f in flags) == 1))  # linear in the parameters
 
 
-def _bind(eqn, values: Sequence[Any]) -> list:
-  params = eqn.primitive.get_bind_params(eqn.params)
-  with eqn.ctx.manager:
-    out = eqn.primitive.bind(*values, **params)
-  return list(out) if eqn.primitive.multiple_results else [out]
-
-
 def _first_order(fn: Callable[..., list]) -> Callable[..., list]:
   """`fn` with its exact value and first derivative but no second derivative.
 
@@ -238,8 +220,8 @@ def _first_order(fn: Callable[..., list]) -> Callable[..., list]:
 def _eval_first_order(eqn, values, flags) -> list:
   """Binds `eqn` as one first-order operation."""
   if not any(_is_float(v.aval) for v in eqn.outvars):
-    return _bind(eqn, values)  # integer or boolean results carry no derivative
-  return list(_first_order(lambda *xs: _bind(eqn, xs))(*values))
+    return bind(eqn, values)  # integer or boolean results carry no derivative
+  return list(_first_order(lambda *xs: bind(eqn, xs))(*values))
 
 
 def _eval(jaxpr, consts: Sequence[Any], args: Sequence[Any], in_flags: Sequence[Flags]):
@@ -250,18 +232,18 @@ def _eval(jaxpr, consts: Sequence[Any], args: Sequence[Any], in_flags: Sequence[
   read = lambda v: v.val if isinstance(v, jcore.Literal) else env[v]
   read_flags = lambda v: CONSTANT if isinstance(v, jcore.Literal) else flag_env.get(v, CONSTANT)
 
-  for eqn in _needed(jaxpr):
+  for eqn in live_equations(jaxpr):
     values = [read(v) for v in eqn.invars]
     flags = [read_flags(v) for v in eqn.invars]
     name = eqn.primitive.name
     if not any(f.params for f in flags):  # constant in the parameters: nothing to change
-      outs, out_flags = _bind(eqn, values), _out_flags(eqn, flags)
+      outs, out_flags = bind(eqn, values), _out_flags(eqn, flags)
     elif name in INLINED or (name == CUSTOM_JVP and _has_products(call_body(eqn)[0], flags)):
       body, body_consts = call_body(eqn)
       outs, out_flags = _eval(body, body_consts, values, flags)
     elif _binds_as_is(name, flags) or (
         name == CUSTOM_JVP and _is_curvature_free(call_body(eqn)[0])):
-      outs, out_flags = _bind(eqn, values), _out_flags(eqn, flags)
+      outs, out_flags = bind(eqn, values), _out_flags(eqn, flags)
     else:
       if name != CUSTOM_JVP and _sub_jaxprs(eqn):
         _check_no_hidden_products(eqn, flags)

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from oba_jax import scores
 from oba_jax.activation_norm import activation_norm
-from oba_jax.delta import Prunable, removal_delta, weights_and_scales
+from oba_jax.delta import Prunable, Removal, prunable_mask, weights_and_scales
 from oba_jax.functional import Objective, ObjectiveFn, classification, objective_of
 from oba_jax.validate import check_choice, check_count
 
@@ -76,7 +76,10 @@ def _magnitude(objective, params, batch, key, delta=None):
 
 def _random(objective, params, batch, key, delta=None):
   del objective, batch  # scores at random, on the entries that `delta` moves
-  moved = None if delta is None else jax.tree.map(lambda d: d != 0, delta)
+  if isinstance(delta, Removal):
+    moved = delta.mask
+  else:
+    moved = None if delta is None else jax.tree.map(lambda d: d != 0, delta)
   return scores.random(key, params, prunable=moved)
 
 
@@ -300,9 +303,9 @@ class FunctionScore:
                                           delta=_delta(params, self.prunable))
 
 
-def _delta(params: PyTree, prunable: Prunable | None) -> PyTree | None:
-  """The removal of the `prunable` entries; None leaves the criteria's default."""
-  return None if prunable is None else removal_delta(params, prunable=prunable)
+def _delta(params: PyTree, prunable: Prunable | None) -> Removal | None:
+  """The removal of the `prunable` entries, kept symbolic; None leaves the criteria's default."""
+  return None if prunable is None else Removal(prunable_mask(params, prunable))
 
 
 def uses_batch_statistics(model: nnx.Module) -> bool:

@@ -12,13 +12,18 @@ state, Flax Linen params, plain dicts): a leaf is a kernel when its name is one
 of `KERNEL_NAMES` and it has at least two dimensions, and a bias when its name is
 one of `BIAS_NAMES` and a kernel sits beside it. A BatchNorm `bias` has a `scale`
 beside it, not a kernel, so it is not prunable.
+
+A `Removal` is that default delta kept symbolic (the mask, not the values):
+derivatives along it reuse the products the forward pass already has
+(`oba_jax.removal_jvp`), so the curvature scores cost fewer operations.
 """
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 Prunable = Callable[[str, jax.Array], bool] | PyTree
@@ -129,21 +134,56 @@ def prunable_mask(params: PyTree, prunable: Prunable | None = None) -> PyTree:
   return prunable
 
 
-def removal_delta(
+class Removal(NamedTuple):
+  """δ = −θ on the entries of `mask` (a `prunable_mask` tree), 0 elsewhere, kept symbolic."""
+
+  mask: PyTree
+
+  def values(self, params: PyTree) -> PyTree:
+    """δ as arrays like `params`."""
+    return jax.tree.map(lambda p, m: jnp.where(m, -p, jnp.zeros_like(p)), params, self.mask)
+
+
+def removal_direction(
     params: PyTree, delta: PyTree | None = None, prunable: Prunable | None = None
+) -> "Removal | PyTree":
+  """The direction to differentiate along: a `Removal` unless `delta` has explicit values."""
+  if delta is None:
+    return Removal(prunable_mask(params, prunable))
+  if isinstance(delta, Removal):
+    if prunable is None:
+      return delta
+    return Removal(jax.tree.map(_both, delta.mask, prunable_mask(params, prunable)))
+  return removal_delta(params, delta, prunable)
+
+
+def _both(a, b):
+  """a and b, kept concrete (numpy) when neither is traced, so the mask stays static."""
+  if isinstance(a, jax.core.Tracer) or isinstance(b, jax.core.Tracer):
+    return jnp.logical_and(a, b)
+  return np.logical_and(a, b)
+
+
+def removal_delta(
+    params: PyTree, delta: "PyTree | Removal | None" = None, prunable: Prunable | None = None
 ) -> PyTree:
   """The perturbation scored by the criteria: `-params` on prunable entries, else 0.
 
   Args:
     params: the parameter pytree.
-    delta: an explicit perturbation with the structure and shapes of `params`.
-      When given together with `prunable`, it is masked by `prunable`.
+    delta: an explicit perturbation with the structure and shapes of `params`, or a
+      `Removal`. When given together with `prunable`, it is masked by `prunable`.
     prunable: which entries move: None (conv/dense kernels and biases), a
       predicate `(path, leaf) -> bool` with paths like 'conv1/kernel', or a pytree
       like `params` of bools or bool arrays, whatever its node types (an
       `eqx.Module` mask is a mask although it is callable; see `is_predicate`).
   """
-  if delta is None:
+  if isinstance(delta, Removal):
+    check_like(delta.mask, params, "Removal mask", scalar_leaves_ok=True)
+    delta = delta.values(params)
+    if prunable is None:
+      return delta
+  elif delta is None:
     delta = jax.tree.map(jnp.negative, params)
   else:
     check_like(delta, params, "delta")

@@ -1,8 +1,11 @@
-"""Call equations of a jaxpr whose bodies a walker enters in place, and their bodies.
+"""What the jaxpr walkers share: call equations entered in place, live equations, binding.
 
 Shared by the jaxpr walks that look through `jit`, `checkpoint`, custom-derivative
-calls and the like (`bilinear`, `kfac`).
+calls and the like (`bilinear`, `kfac`, `removal_jvp`).
 """
+
+from collections.abc import Sequence
+from typing import Any
 
 from jax.extend import core as jcore
 
@@ -19,3 +22,22 @@ def call_body(eqn) -> tuple:
   if isinstance(sub, jcore.ClosedJaxpr):
     return sub.jaxpr, sub.consts
   return sub, ()
+
+
+def live_equations(jaxpr) -> list:
+  """The equations the outputs depend on (drops, e.g., BatchNorm's running-average updates)."""
+  needed = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
+  live = []
+  for eqn in reversed(jaxpr.eqns):
+    if any(v in needed for v in eqn.outvars):
+      live.append(eqn)
+      needed.update(v for v in eqn.invars if not isinstance(v, jcore.Literal))
+  return live[::-1]
+
+
+def bind(eqn, values: Sequence[Any]) -> list:
+  """Applies `eqn`'s primitive, with its parameters, to `values`; always a list of outputs."""
+  params = eqn.primitive.get_bind_params(eqn.params)
+  with eqn.ctx.manager:
+    out = eqn.primitive.bind(*values, **params)
+  return list(out) if eqn.primitive.multiple_results else [out]
