@@ -72,10 +72,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from oba_jax.jaxpr_calls import CUSTOM_JVP, INLINED, bind, call_body, live_equations
+from oba_jax.jaxpr_calls import CUSTOM_JVP, INLINED, bind, call_body, is_float, live_equations
 
 PyTree = Any
 
@@ -116,10 +115,6 @@ class Product(NamedTuple):
   shapes: tuple[tuple[int, ...], ...]  # operand shapes
 
 
-def _is_float(aval) -> bool:
-  return jnp.issubdtype(getattr(aval, "dtype", jnp.int32), jnp.inexact)
-
-
 def _product_kind(name: str, flags: Sequence[Flags]) -> str | None:
   """'parameter', 'parallel' or None (not a product term) for an equation's operands."""
   if name not in PRODUCTS or len(flags) != 2:
@@ -137,7 +132,7 @@ def _product_kind(name: str, flags: Sequence[Flags]) -> str | None:
 def _out_flags(eqn, flags: Sequence[Flags]) -> list[Flags]:
   params = any(f.params for f in flags) and eqn.primitive.name != "stop_gradient"
   data = any(f.data for f in flags)
-  return [Flags(params and _is_float(v.aval), data) for v in eqn.outvars]
+  return [Flags(params and is_float(v.aval), data) for v in eqn.outvars]
 
 
 def _sub_jaxprs(eqn) -> list:
@@ -186,7 +181,7 @@ def _is_curvature_free(jaxpr) -> bool:
     if name in INLINED or name == CUSTOM_JVP:
       if any(f.params for f in flags) and not _is_curvature_free(call_body(eqn)[0]):
         return False
-    elif any(f.params for f in flags) and any(_is_float(v.aval) for v in eqn.outvars) \
+    elif any(f.params for f in flags) and any(is_float(v.aval) for v in eqn.outvars) \
         and not _binds_as_is(name, flags):
       return False
     env.update(zip(eqn.outvars, _out_flags(eqn, flags)))
@@ -219,7 +214,7 @@ def _first_order(fn: Callable[..., list]) -> Callable[..., list]:
 
 def _eval_first_order(eqn, values, flags) -> list:
   """Binds `eqn` as one first-order operation."""
-  if not any(_is_float(v.aval) for v in eqn.outvars):
+  if not any(is_float(v.aval) for v in eqn.outvars):
     return bind(eqn, values)  # integer or boolean results carry no derivative
   return list(_first_order(lambda *xs: bind(eqn, xs))(*values))
 
@@ -271,7 +266,7 @@ def _trace(loss_fn: Callable, params: PyTree, batch: PyTree):
   closed = jax.make_jaxpr(loss_fn)(params, batch)
   param_leaves = jax.tree.leaves(params)
   batch_leaves = jax.tree.leaves(batch)
-  flags = ([Flags(_is_float(jax.typeof(x)), False) for x in param_leaves]
+  flags = ([Flags(is_float(jax.typeof(x)), False) for x in param_leaves]
            + [Flags(False, True)] * len(batch_leaves))
   return closed, flags
 
@@ -288,7 +283,7 @@ def first_order_loss(loss_fn: Callable[[PyTree, PyTree], jax.Array], params: PyT
   treedef = jax.tree.structure(params)
   batch_leaves = jax.tree.leaves(batch)
   outs = [v.aval for v in closed.jaxpr.outvars]
-  if len(outs) != 1 or outs[0].shape != () or not _is_float(outs[0]):
+  if len(outs) != 1 or outs[0].shape != () or not is_float(outs[0]):
     raise TypeError("loss_fn(params, batch) must return one real scalar, got "
                     f"{', '.join(o.str_short() for o in outs) or 'nothing'}.")
 

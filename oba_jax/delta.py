@@ -23,7 +23,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 PyTree = Any
 Prunable = Callable[[str, jax.Array], bool] | PyTree
@@ -150,18 +149,9 @@ def removal_direction(
   """The direction to differentiate along: a `Removal` unless `delta` has explicit values."""
   if delta is None:
     return Removal(prunable_mask(params, prunable))
-  if isinstance(delta, Removal):
-    if prunable is None:
-      return delta
-    return Removal(jax.tree.map(_both, delta.mask, prunable_mask(params, prunable)))
+  if isinstance(delta, Removal) and prunable is None:
+    return delta
   return removal_delta(params, delta, prunable)
-
-
-def _both(a, b):
-  """a and b, kept concrete (numpy) when neither is traced, so the mask stays static."""
-  if isinstance(a, jax.core.Tracer) or isinstance(b, jax.core.Tracer):
-    return jnp.logical_and(a, b)
-  return np.logical_and(a, b)
 
 
 def removal_delta(

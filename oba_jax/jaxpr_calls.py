@@ -7,6 +7,7 @@ calls and the like (`bilinear`, `kfac`, `removal_jvp`).
 from collections.abc import Sequence
 from typing import Any
 
+import jax.numpy as jnp
 from jax.extend import core as jcore
 
 # Calls whose bodies are evaluated in place; the parameter holding the body.
@@ -22,6 +23,11 @@ def call_body(eqn) -> tuple:
   if isinstance(sub, jcore.ClosedJaxpr):
     return sub.jaxpr, sub.consts
   return sub, ()
+
+
+def is_float(aval) -> bool:
+  """Whether a value of this abstract type carries a derivative (a real or complex float)."""
+  return jnp.issubdtype(getattr(aval, "dtype", jnp.int32), jnp.inexact)
 
 
 def live_equations(jaxpr) -> list:

@@ -36,7 +36,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from oba_jax.bilinear import LINEAR, PRODUCTS
-from oba_jax.jaxpr_calls import bind, call_body, live_equations
+from oba_jax.jaxpr_calls import bind, call_body, is_float, live_equations
 
 PyTree = Any
 
@@ -78,25 +78,20 @@ def removal_jvp(f: Callable[[PyTree], PyTree], params: PyTree,
 
 def _initial_tangent(leaf, mask):
   """A removed leaf moves by −1 times itself; a partly removed one by −θ where `mask`."""
-  if not _is_float(jax.typeof(leaf)):
+  if not is_float(jax.typeof(leaf)):
     return None
-  if isinstance(mask, jax.core.Tracer):
-    return jnp.where(mask, -leaf, jnp.zeros_like(leaf))
-  mask = np.asarray(mask, bool)
-  if mask.all():
-    return Scaled(-1.0)
-  if not mask.any():
-    return None
+  if not isinstance(mask, jax.core.Tracer):  # a static mask: whole leaves stay symbolic
+    static = np.asarray(mask, bool)
+    if static.all():
+      return Scaled(-1.0)
+    if not static.any():
+      return None
   return jnp.where(mask, -leaf, jnp.zeros_like(leaf))
-
-
-def _is_float(aval) -> bool:
-  return jnp.issubdtype(getattr(aval, "dtype", jnp.int32), jnp.inexact)
 
 
 def _written_out(tangent, value):
   """`tangent` as an array like `value` (float0 zeros for integer values)."""
-  if not _is_float(jax.typeof(value)):
+  if not is_float(jax.typeof(value)):
     return np.zeros(jnp.shape(value), jax.dtypes.float0)
   if tangent is None:
     return jnp.zeros_like(value)
@@ -114,9 +109,9 @@ def _eval(jaxpr, consts: Sequence[Any], primals: Sequence[Any],
   read_tangent = lambda v: None if isinstance(v, jcore.Literal) else tangent_env.get(v)
   for eqn in live_equations(jaxpr):
     values = [read(v) for v in eqn.invars]
-    moving = [read_tangent(v) if _is_float(v.aval) else None for v in eqn.invars]
+    moving = [read_tangent(v) if is_float(v.aval) else None for v in eqn.invars]
     outs, out_tangents = _rule(eqn, values, moving)
-    out_tangents = [t if _is_float(v.aval) else None for v, t in zip(eqn.outvars, out_tangents)]
+    out_tangents = [t if is_float(v.aval) else None for v, t in zip(eqn.outvars, out_tangents)]
     env.update(zip(eqn.outvars, outs))
     tangent_env.update(zip(eqn.outvars, out_tangents))
   return [read(v) for v in jaxpr.outvars], [read_tangent(v) for v in jaxpr.outvars]
@@ -173,7 +168,7 @@ def _common_scale(eqn, tangents: list) -> float | None:
   """c when every floating input is scaled by the same c (a zero literal fits any c)."""
   scales = set()
   for v, t in zip(eqn.invars, tangents):
-    if not _is_float(v.aval):
+    if not is_float(v.aval):
       continue
     if isinstance(t, Scaled):
       scales.add(t.c)
