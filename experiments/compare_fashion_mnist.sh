@@ -10,7 +10,10 @@
 #   comparison), CRITERIA (default: compare_criteria's), EXTRA (more --config flags for every
 #   run), and DENSE_FROM=DIR to start each run from DIR/<model>/seed<k>/dense, the dense model of
 #   an earlier run, so that more criteria join it paired (same dense model, batches and order).
-#   RECORD=DIR copies each finished run's results.json to DIR/<model>_seed<k>.json.
+#   RECORD=DIR copies each finished run's results.json to DIR/<model>_seed<k>.json and skips the
+#   runs already there; while a run goes on, its finished cells (criterion x target, see
+#   oba_jax/experiments/cells.py) are copied to DIR/cells/<model>_seed<k> every few minutes and
+#   back into a new WORKDIR, so a comparison resumes from a commit of DIR on another machine.
 #   Then: python experiments/summarize_compare.py WORKDIR/*/seed*/results.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,9 +40,27 @@ queue="$WORKDIR/queue"
 : > "$queue"
 for seed in $SEEDS; do
   for model in $MODELS; do
-    [ -f "$WORKDIR/$model/seed$seed/results.json" ] || echo "$model $seed" >> "$queue"
+    [ -f "$WORKDIR/$model/seed$seed/results.json" ] && continue
+    [ -n "${RECORD:-}" ] && [ -f "$RECORD/${model}_seed$seed.json" ] && continue
+    echo "$model $seed" >> "$queue"
+    if [ -n "${RECORD:-}" ] && [ -d "$RECORD/cells/${model}_seed$seed" ]; then  # resume from them
+      mkdir -p "$WORKDIR/$model/seed$seed/cells"
+      cp -rn "$RECORD/cells/${model}_seed$seed/." "$WORKDIR/$model/seed$seed/cells/"
+    fi
   done
 done
+
+record_cells() {  # the finished cells of the runs under way, to RECORD
+  [ -n "${RECORD:-}" ] || return 0
+  local cells run
+  for cells in "$WORKDIR"/*/seed*/cells; do
+    [ -d "$cells" ] || continue
+    run=$(dirname "$cells")
+    [ -f "$run/results.json" ] && continue
+    mkdir -p "$RECORD/cells/$(basename "$(dirname "$run")")_$(basename "$run")"
+    cp -r "$cells/." "$RECORD/cells/$(basename "$(dirname "$run")")_$(basename "$run")/"
+  done
+}
 
 worker() {  # pops "model seed" lines off the queue until it is empty
   local core=$1 job model seed
@@ -60,12 +81,21 @@ worker() {  # pops "model seed" lines off the queue until it is empty
       || echo "$model seed $seed failed: see $WORKDIR/$model-seed$seed.log"
     if [ -n "${RECORD:-}" ] && [ -f "$WORKDIR/$model/seed$seed/results.json" ]; then
       mkdir -p "$RECORD" && cp "$WORKDIR/$model/seed$seed/results.json" "$RECORD/${model}_seed$seed.json"
+      rm -rf "$RECORD/cells/${model}_seed$seed"  # the results hold them now
     fi
   done
 }
 
+# The dataset is prepared once, before the workers (two preparing at once collide).
+python -c "from oba_jax import data; next(data.load('fashion_mnist', 'test', batch_size=1, train=False))"
+( while sleep 300; do record_cells; done ) &
+recorder=$!
+pids=()
 for ((w = 0; w < WORKERS; w++)); do
   worker $((w % $(nproc))) &
+  pids+=($!)
 done
-wait
+wait "${pids[@]}"
+kill "$recorder"
+record_cells
 echo "$(date -u +%H:%M:%S) done"

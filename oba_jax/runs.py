@@ -74,6 +74,16 @@ def identity(
     ) from None
 
 
+def digest(tree: PyTree) -> str:
+  """A SHA-256 of a pytree's paths, dtypes, shapes and values: which model, exactly."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    leaf = np.asarray(leaf)
+    digest.update(f"{path_str(path)}{leaf.dtype}{leaf.shape}".encode())
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()
+
+
 def _digest(mask: PyTree) -> str:
   """A SHA-256 of the mask's paths, shapes and values."""
   digest = hashlib.sha256()

@@ -74,6 +74,38 @@ def test_rerun_resumes_and_another_config_is_refused_untouched(resnet32_run):
   assert {n: os.path.getmtime(os.path.join(workdir, n)) for n in os.listdir(workdir)} == before
 
 
+def test_finished_cells_carry_a_run_over_to_a_fresh_workdir_with_the_same_pairing(tmp_path,
+                                                                                   capsys):
+  """A run continued in a new workdir from its finished cells alone (another session, another
+  machine) ends with the rows of a run never interrupted: a one-shot target after a reused one
+  reads the same importance batches. A cell of other settings or another dense model is not
+  reused."""
+  criteria, targets = "magnitude,taylor", (0.5, 0.3)
+  whole = run(compare_criteria, tmp_path / "whole", criteria=criteria, targets=targets)
+  cells = tmp_path / "whole" / "cells"
+  assert sorted(os.listdir(cells)) == ["magnitude", "taylor"]
+  again = tmp_path / "again" / "cells"
+  for name in ("magnitude/0.5.json", "magnitude/0.3.json", "taylor/0.5.json"):
+    os.makedirs(again / os.path.dirname(name), exist_ok=True)
+    with open(cells / name) as f:
+      cell = json.load(f)
+    if name == "magnitude/0.3.json":
+      cell["key"] = "a cell of another dense model"
+    with open(again / name, "w") as f:
+      json.dump(cell, f)
+  capsys.readouterr()
+  resumed = run(compare_criteria, tmp_path / "again", criteria=criteria, targets=targets)
+  assert resumed["cells_reused"] == 2 and whole["cells_reused"] == 0
+  said = capsys.readouterr().out
+  assert "magnitude at 0.3: the cell in" in said and "computing it again" in said
+  assert "pruning taylor to kept FLOPs 0.3" in said and "taylor to kept FLOPs 0.5" not in said
+  same = ("criterion", "target", "accuracy", "accuracy_after_pruning", "loss_after_pruning",
+          "macs", "params", "step_kept_macs", "steps")
+  assert ([{k: r[k] for k in same} for r in resumed["pruned"]]
+          == [{k: r[k] for k in same} for r in whole["pruned"]])
+  assert not os.path.exists(tmp_path / "again" / "taylor" / "0.5")  # reused, not fine-tuned
+
+
 def test_vgg19_one_shot(tmp_path):
   results = run(vgg19_cifar, tmp_path, criteria="magnitude", targets=(0.5, 0.3))
   check_consistent(results, ["magnitude"], [0.5, 0.3])

@@ -128,11 +128,11 @@ def claim_workdir(workdir: str, config: ml_collections.ConfigDict,
                           "and results there. Use another --workdir, or copy this one.")
   _lock(workdir)
   files.remove_leftovers(workdir)  # of killed writes; the lock makes them no one else's
-  wanted = _comparable(config.to_dict())
+  wanted = comparable(config.to_dict())
   inputs = json.loads(json.dumps({**path_inputs(config), **(inputs or {})}, default=str))
   path, inputs_path = os.path.join(workdir, CONFIG_FILE), os.path.join(workdir, INPUTS_FILE)
   if os.path.exists(path):
-    found = _comparable(read_json(path, what="the workdir's recorded configuration"))
+    found = comparable(read_json(path, what="the workdir's recorded configuration"))
     recorded = (read_json(inputs_path, what="fingerprints of the inputs the workdir's run "
                           "read") if os.path.exists(inputs_path) else inputs)
     changed = sorted(k for k in set(recorded) | set(inputs) if recorded.get(k) != inputs.get(k))
@@ -337,14 +337,14 @@ def _flat_items(tree: dict, prefix: str = ""):
       yield f"{prefix}{key}", value
 
 
-def _comparable(tree: dict, prefix: str = "") -> dict:
+def comparable(tree: dict, prefix: str = "") -> dict:
   """Flat {dotted key: JSON value} without the runtime-only keys."""
   flat = {}
   for key, value in tree.items():
     if key in RUNTIME_KEYS:
       continue
     if isinstance(value, dict):
-      flat.update(_comparable(value, f"{prefix}{key}."))
+      flat.update(comparable(value, f"{prefix}{key}."))
     else:
       flat[f"{prefix}{key}"] = json.loads(json.dumps(value, default=str))
   return flat

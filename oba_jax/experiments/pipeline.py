@@ -13,7 +13,9 @@ run's `dense`). `config.mode` picks the pruning pipeline of `oba_jax.prune`:
 - "unstructured": a density sweep of single-weight masks (§4.5); `targets` are densities.
 
 Each fine-tune checkpoints into `workdir/<criterion>/<target>`, so a killed run
-resumes; pruning is deterministic and is recomputed. Every CLI module holds
+resumes; pruning is deterministic and is recomputed. A finished criterion x target is
+kept in `workdir/cells` (`cells`): a resumed run, in this workdir or in a new one the
+cells were copied to, skips it. Every CLI module holds
 `get_config()` (`paper_config.base_config()` with the paper's numbers) and
 ends with `cli.main(get_config, pipeline.run, paper_config.HELP)`.
 """
@@ -28,6 +30,7 @@ from flax import nnx
 
 from oba_jax import batchnorm, data, masks, models, prune, runs, runtime, surgery, train, weights
 from oba_jax.experiments import cli
+from oba_jax.experiments.cells import CELLS_DIR, Cells, Drawn
 from oba_jax.experiments.entries import (criterion_entries, importance_settings, prune_configs,
                                          structured_steps)
 from oba_jax.experiments.paper_config import smoke_config
@@ -149,27 +152,39 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       return masked
     return batchnorm.recalibrate(masked, calibration(), num_batches=count)
 
+  cells = Cells(os.path.join(workdir, CELLS_DIR), config, dense)
+
+  def finish(row, tuned, compacted, mask) -> dict:
+    """`row` with the pruned model's measurements."""
+    cli.say(f"evaluating {row['criterion']} at {row['target']}")
+    measured = time.perf_counter()
+    row.update(measure(tuned, compacted, test, example, timing_input, config.timing_seconds),
+               max_abs_pruned_weight=max_abs_pruned(functional(tuned)[1], mask))
+    row["evaluate_seconds"] = row.get("evaluate_seconds", 0.0) + time.perf_counter() - measured
+    row.update(kept_macs=row["macs"] / dense_row["macs"],
+               kept_params=row["params"] / dense_row["params"],
+               speedup=dense_row["inference_seconds"] / row["inference_seconds"])
+    return row
+
   prune_one = _unstructured if config.mode == "unstructured" else _structured
-  rows, unreachable = [], []
+  rows, unreachable, reused = [], [], 0
   for criterion in criterion_entries(config):
-    batches = stream(config.seed + 1, config.prune.importance_batch_size,
-                     augment=config.prune.augment)
-    for row, tuned, compacted, mask in prune_one(config, criterion, dense, example, batches,
-                                                  test, recalibrate, finetune, calibration(),
-                                                  unreachable):
-      cli.say(f"evaluating {criterion} at {row['target']}")
-      measured = time.perf_counter()
-      row.update(measure(tuned, compacted, test, example, timing_input, config.timing_seconds),
-                 max_abs_pruned_weight=max_abs_pruned(functional(tuned)[1], mask))
-      row["evaluate_seconds"] = row.get("evaluate_seconds", 0.0) + time.perf_counter() - measured
-      row.update(kept_macs=row["macs"] / dense_row["macs"],
-                 kept_params=row["params"] / dense_row["params"],
-                 speedup=dense_row["inference_seconds"] / row["inference_seconds"])
-      rows.append(row)
+    finished = {target: cells.get(criterion, target) for target in config.targets}
+    reused += sum(cell is not None for cell in finished.values())
+    if None in finished.values():
+      batches = Drawn(stream(config.seed + 1, config.prune.importance_batch_size,
+                             augment=config.prune.augment))
+      prune_one(config, criterion, dense, example, batches, test, recalibrate, finetune,
+                calibration(), cells, finish)
+    for target in config.targets:
+      cell = cells.get(criterion, target)
+      rows.extend([cell["row"]] if "row" in cell else [])
+      unreachable.extend([cell["unreachable"]] if "unreachable" in cell else [])
 
   results = {"config": config.to_dict(), "mode": config.mode, "dense": dense_row,
              "pruned": rows, "unreachable": unreachable, "targets": list(config.targets),
-             "importance": importance_settings(config), "wall_seconds": time.perf_counter() - start}
+             "importance": importance_settings(config), "cells_reused": reused,
+             "wall_seconds": time.perf_counter() - start}
   cli.write_json(os.path.join(workdir, RESULTS_FILE), results)
   if len(config.targets) > 1:
     plot(results, os.path.join(workdir, PLOT_FILE))
@@ -257,9 +272,10 @@ def _train_config(recipe, num_examples: int, seed: int) -> train.TrainConfig:
 
 
 def _structured(config, criterion, dense, example, batches, test, recalibrate, finetune,
-                calibration, unreachable):
-  """Yields (row, fine-tuned masked model, its compaction, mask) per target; a target the
-  official step rule cannot reach with this criterion goes to `unreachable` instead.
+                calibration, cells, finish):
+  """Prunes, fine-tunes and measures (`finish`) each target's cell not yet in `cells`, and
+  puts it there; a target the official step rule cannot reach with this criterion is put
+  as unreachable. `batches` (a `Drawn`) skips what a finished one-shot target read.
 
   At each target the pruned model's BatchNorm statistics are recalibrated before it is
   evaluated ("accuracy after pruning") and fine-tuned.
@@ -281,7 +297,7 @@ def _structured(config, criterion, dense, example, batches, test, recalibrate, f
                       "evaluate_seconds": evaluate_seconds}
     return tuned, mask
 
-  if config.mode == "iterative":
+  if config.mode == "iterative":  # each target starts from the last: all are computed again
     targets = iter(config.targets)
     masks_by_target = {}
 
@@ -296,10 +312,15 @@ def _structured(config, criterion, dense, example, batches, test, recalibrate, f
                       config.progress)
     results = prune.iterative(dense, example, batches, settings, finetune=tune_next, **runtime)
     for target, result in zip(config.targets, results):
-      yield (_structured_row(criterion, target, result, pruned[target]), result.masked,
-             result.compacted, masks_by_target[target])
+      row = finish(_structured_row(criterion, target, result, pruned[target]), result.masked,
+                   result.compacted, masks_by_target[target])
+      cells.put(criterion, target, {"row": row})
     return
   for target, settings in zip(config.targets, prune_configs(config, criterion)):
+    cell = cells.get(criterion, target)
+    if cell is not None:  # finished earlier: skip its batches, as if it had read them now
+      batches.skip_to(cell["drawn"])
+      continue
     cli.say(f"pruning {criterion} to kept FLOPs {target} in at most {p.steps} steps "
             f"({settings.procedure} procedure)")
     try:
@@ -308,11 +329,13 @@ def _structured(config, criterion, dense, example, batches, test, recalibrate, f
                               settings, **runtime)
     except prune.UnreachableTarget as error:  # an outcome of the rule: recorded, not fatal
       cli.say(f"{criterion} at {target}: {error}")
-      unreachable.append({"criterion": criterion, "target": target, "reason": str(error)})
+      cells.put(criterion, target, {"unreachable": {"criterion": criterion, "target": target,
+                                                    "reason": str(error)}}, batches.count)
       continue
     tuned, mask = tune(result.masked, result.plan, target)
-    yield (_structured_row(criterion, target, result, pruned[target]), tuned,
-           surgery.compact(tuned, result.plan, verify=False), mask)  # verified by one_shot
+    row = finish(_structured_row(criterion, target, result, pruned[target]), tuned,
+                 surgery.compact(tuned, result.plan, verify=False), mask)  # verified by one_shot
+    cells.put(criterion, target, {"row": row}, batches.count)
 
 
 def _structured_row(criterion, target, result, pruned) -> dict:
@@ -325,9 +348,10 @@ def _structured_row(criterion, target, result, pruned) -> dict:
 
 
 def _unstructured(config, criterion, dense, example, batches, test, recalibrate, finetune,
-                  calibration, unreachable):
-  """Yields (row, fine-tuned masked model, the same, mask) per density (recalibrated first)."""
-  del example, unreachable  # masks keep the shapes: nothing to trace; densities are met
+                  calibration, cells, finish):
+  """Prunes, fine-tunes and measures every density (recalibrated first) and puts each cell
+  in `cells` (one sweep: all are computed again when one is missing)."""
+  del example  # masks keep the shapes: nothing to trace; densities are met
   (settings,) = prune_configs(config, criterion)
   p = config.prune
   cli.say(f"pruning {criterion} unstructured to densities {', '.join(map(str, config.targets))}")
@@ -337,7 +361,7 @@ def _unstructured(config, criterion, dense, example, batches, test, recalibrate,
       f"  step {record.step + 1}: density {record.density:.3f} ({record.seconds:.1f} s)")
   results = prune.unstructured(dense, batches, settings, key=jax.random.key(config.seed),
                                callback=say_density, calibration=calibration)
-  for result in results:
+  for target, result in zip(config.targets, results):
     start = time.perf_counter()
     masked = recalibrate(result.masked)
     after = evaluate(masked, test())
@@ -348,7 +372,7 @@ def _unstructured(config, criterion, dense, example, batches, test, recalibrate,
            "prune_seconds": sum(step.seconds for step in result.history)}
     tuned, tuning = finetune(masked, result.mask, os.path.join(criterion, str(result.density)))
     row.update(tuning)
-    yield row, tuned, tuned, result.mask
+    cells.put(criterion, target, {"row": finish(row, tuned, tuned, result.mask)})
 
 
 def restore(model: nnx.Module, directory: str) -> nnx.Module:
