@@ -13,7 +13,8 @@
 #   RECORD=DIR copies each finished run's results.json to DIR/<model>_seed<k>.json and skips the
 #   runs already there; while a run goes on, its finished cells (criterion x target, see
 #   oba_jax/experiments/cells.py) are copied to DIR/cells/<model>_seed<k> every few minutes and
-#   back into a new WORKDIR, so a comparison resumes from a commit of DIR on another machine.
+#   back into a new WORKDIR, with the trained dense model (DIR/dense/<model>_seed<k>), so a
+#   comparison resumes from a commit of DIR on another machine.
 #   Then: python experiments/summarize_compare.py WORKDIR/*/seed*/results.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +33,8 @@ model_flags() {
     vit) echo "--config.model=vit --config.model_kwargs.image_size=28 \
       --config.model_kwargs.patch_size=7 --config.model_kwargs.hidden_dim=64 \
       --config.model_kwargs.num_layers=4 --config.model_kwargs.num_heads=4 \
-      --config.model_kwargs.mlp_dim=128 --config.dense.learning_rate=0.05" ;;
+      --config.model_kwargs.mlp_dim=128 --config.dense.learning_rate=0.05 \
+      --config.prune.ignore=('conv_proj',)" ;;  # the patch embedding, as the paper (§4.1)
   esac
 }
 
@@ -47,18 +49,25 @@ for seed in $SEEDS; do
       mkdir -p "$WORKDIR/$model/seed$seed/cells"
       cp -rn "$RECORD/cells/${model}_seed$seed/." "$WORKDIR/$model/seed$seed/cells/"
     fi
+    if [ -n "${RECORD:-}" ] && [ -d "$RECORD/dense/${model}_seed$seed" ] \
+       && [ ! -d "$WORKDIR/$model/seed$seed/dense" ]; then  # its trained dense model
+      mkdir -p "$WORKDIR/$model/seed$seed"
+      cp -r "$RECORD/dense/${model}_seed$seed" "$WORKDIR/$model/seed$seed/dense"
+    fi
   done
 done
 
-record_cells() {  # the finished cells of the runs under way, to RECORD
+record_cells() {  # the finished cells of the runs under way, and their dense models, to RECORD
   [ -n "${RECORD:-}" ] || return 0
-  local cells run
+  local cells run name
   for cells in "$WORKDIR"/*/seed*/cells; do
-    [ -d "$cells" ] || continue
+    [ -d "$cells" ] || continue  # cells come after the dense model: it is trained by then
     run=$(dirname "$cells")
     [ -f "$run/results.json" ] && continue
-    mkdir -p "$RECORD/cells/$(basename "$(dirname "$run")")_$(basename "$run")"
-    cp -r "$cells/." "$RECORD/cells/$(basename "$(dirname "$run")")_$(basename "$run")/"
+    name=$(basename "$(dirname "$run")")_$(basename "$run")
+    mkdir -p "$RECORD/cells/$name" "$RECORD/dense"
+    cp -r "$cells/." "$RECORD/cells/$name/"
+    [ -d "$RECORD/dense/$name" ] || cp -r "$run/dense" "$RECORD/dense/$name"
   done
 }
 
@@ -81,7 +90,7 @@ worker() {  # pops "model seed" lines off the queue until it is empty
       || echo "$model seed $seed failed: see $WORKDIR/$model-seed$seed.log"
     if [ -n "${RECORD:-}" ] && [ -f "$WORKDIR/$model/seed$seed/results.json" ]; then
       mkdir -p "$RECORD" && cp "$WORKDIR/$model/seed$seed/results.json" "$RECORD/${model}_seed$seed.json"
-      rm -rf "$RECORD/cells/${model}_seed$seed"  # the results hold them now
+      rm -rf "$RECORD/cells/${model}_seed$seed" "$RECORD/dense/${model}_seed$seed"  # done
     fi
   done
 }

@@ -84,7 +84,8 @@ def test_block_outputs_pass_an_optimization_barrier():
 def test_gradient_program_grows_linearly_with_depth_when_barriers_are_kept():
   """XLA:CPU without the barriers fuses the residual chain of every earlier block into each
   block's consumers (quadratic in depth); with them kept, the program is linear in depth
-  and the loss and gradient are the same up to float32 reordering (bitwise at width 16)."""
+  and the loss and gradient are the same up to float32 reordering (the fusion and its order of
+  summation differ, so the last bit may too, depending on the machine's vector width)."""
   from oba_jax.runtime import BARRIER_EXPANDER
   keep = {"xla_disable_hlo_passes": BARRIER_EXPANDER}
   sizes = {}
@@ -99,7 +100,7 @@ def test_gradient_program_grows_linearly_with_depth_when_barriers_are_kept():
     kept = lowered.compile(keep)
     assert "opt-barrier" in kept.as_text()
     default, barriers = lowered.compile()(params, batch), kept(params, batch)
-    assert default[0] == barriers[0]
+    assert jnp.abs(default[0] - barriers[0]) <= 1e-6 * jnp.abs(default[0])
     for a, b in zip(jax.tree.leaves(default[1]), jax.tree.leaves(barriers[1])):
       assert jnp.max(jnp.abs(a - b)) <= 1e-4 * jnp.max(jnp.abs(a))
     sizes[depth] = _fused_instructions(kept.as_text())

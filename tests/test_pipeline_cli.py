@@ -307,3 +307,16 @@ def test_eight_devices_give_the_same_metrics(tmp_path):
       if key in a:
         assert abs(a[key] - b[key]) <= 1 / 32, key
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-3)
+
+
+def test_smoke_mode_sets_only_the_model_arguments_the_model_takes():
+  """compare_criteria's smoke width serves its CNNs; a ViT keeps its own sizes and builds."""
+  from oba_jax.experiments import paper_config
+  vit = dict(image_size=28, patch_size=7, hidden_dim=16, num_layers=1, num_heads=2, mlp_dim=32)
+  config = clis.smoke_config(compare_criteria, model="vit")
+  config.model_kwargs.update(vit)
+  smoked = paper_config.smoke_config(config)
+  assert smoked.model_kwargs.to_dict() == vit
+  models.check("vit", **smoked.model_kwargs.to_dict())
+  cnn = paper_config.smoke_config(clis.smoke_config(compare_criteria, model="vgg11_cifar"))
+  assert cnn.model_kwargs.width == 4

@@ -17,6 +17,7 @@ stages never mix with new ones. Results are written atomically with the user's u
 """
 
 import ast
+import atexit
 import difflib
 import fcntl
 import json
@@ -199,6 +200,13 @@ def read_json(path: str, *, what: str = "this file") -> Any:
 
 
 _LOCKS: dict[str, Any] = {}  # workdir -> its open lock file, held until the process ends
+
+
+@atexit.register
+def _release_locks() -> None:
+  """Closes the lock files at exit (the OS would release them; this says it on purpose)."""
+  while _LOCKS:
+    _LOCKS.popitem()[1].close()
 
 
 def _lock(workdir: str) -> None:

@@ -9,6 +9,7 @@ The run itself is `oba_jax.experiments.pipeline`.
 
 import ml_collections
 
+from oba_jax import models
 from oba_jax.experiments import cli
 
 
@@ -123,7 +124,8 @@ HELP = {
     "prune.steps_per_density": "unstructured steps from one density to the next",
     "eval_batch_size": "examples per evaluation batch",
     "timing_batch": "batch size of the measured inference time",
-    "smoke_model_kwargs": "model_kwargs that smoke mode sets (the tiny model)",
+    "smoke_model_kwargs": "model_kwargs that smoke mode sets (the tiny model); those "
+                          "the model does not take are left out (one CLI, several models)",
 }
 
 
@@ -169,7 +171,8 @@ def smoke_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     # never-a-whole-group rule stop it near 0.09 even in 10 steps); the library rule meets it.
     subset["prune.procedure"] = "library"
   return cli.smoke(config, {**subset,
-      **{f"model_kwargs.{k}": v for k, v in config.smoke_model_kwargs.to_dict().items()},
+      **{f"model_kwargs.{k}": v for k, v in config.smoke_model_kwargs.to_dict().items()
+         if k in models.arguments(config.model)},
       "data_format": cli.data_format(config), "timing_seconds": 0.05,
       "test_split": f"{config.test_split}[:32]", "eval_batch_size": 16, "timing_batch": 4,
       "dense.steps": 4, "dense.batch_size": 8, "finetune.steps": 3, "finetune.batch_size": 8,

@@ -12,14 +12,15 @@ from oba_jax.models.bert import Bert, minilm_l6
 from oba_jax.models.llama import Llama, smollm2_135m
 from oba_jax.models.resnet import (Bottleneck, ResNet, resnet18, resnet34, resnet50,
                                    resnet101, resnet152)
-from oba_jax.models.registry import MODELS, check, create
+from oba_jax.models.registry import MODELS, arguments, check, create
 from oba_jax.models.resnet_cifar import BasicBlock, ResNetCIFAR
 from oba_jax.models.vgg import VGG, ConvBN
 from oba_jax.models.vit import MultiHeadAttention, VisionTransformer, vit_b16
 
 __all__ = [
     "MODELS", "BasicBlock", "Bert", "Bottleneck", "ConvBN", "Llama", "MultiHeadAttention",
-    "ResNet", "ResNetCIFAR", "VGG", "VisionTransformer", "bert", "check", "create", "llama",
+    "ResNet", "ResNetCIFAR", "VGG", "VisionTransformer", "arguments", "bert", "check", "create",
+    "llama",
     "minilm_l6", "resnet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "smollm2_135m", "vit", "vit_b16",
 ]

@@ -4,6 +4,7 @@ This table serves the experiment CLIs; the pruning engine never looks at it.
 """
 
 import functools
+import inspect
 from collections.abc import Callable
 
 from flax import nnx
@@ -36,6 +37,18 @@ def create(name: str, *, seed: int = 0, **kwargs) -> nnx.Module:
   """`MODELS[name](**kwargs, rngs=nnx.Rngs(seed))`, with a clear error for unknown names."""
   _check_arguments(name, kwargs)
   return MODELS[name](**kwargs, rngs=nnx.Rngs(seed))
+
+
+def arguments(name: str) -> frozenset[str]:
+  """The keyword arguments `create(name, ...)` takes (a model's sizes and options)."""
+  _check_arguments(name, {})
+  factory, bound, given = MODELS[name], (), {}
+  if isinstance(factory, functools.partial):
+    factory, bound, given = factory.func, factory.args, factory.keywords
+  if isinstance(factory, type):  # a Module class: its __init__, less `self`
+    factory, bound = factory.__init__, (None, *bound)
+  parameters = inspect.signature(functools.partial(factory, *bound, **given)).parameters
+  return frozenset(parameters) - {"rngs"}
 
 
 def check(name: str, **kwargs) -> None:
