@@ -1,6 +1,7 @@
 """The files a run reads and writes: atomic writes, fingerprints of inputs, clear errors.
 
   write_atomic(path, lambda f: f.write(data))   # whole or not at all; the user's umask
+  with exclusive(path + ".lock"): ...           # one process at a time (e.g. preparing data)
   fingerprint(path)                             # what a run read, to know it again
   DamagedFileError, DiskFullError               # one paragraph naming the file
 
@@ -18,11 +19,12 @@ data set of a million images costs a listing, not a read).
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
@@ -69,6 +71,19 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
     if isinstance(error, OSError):
       raise _full(error, directory) from None
     raise
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str | os.PathLike) -> Iterator[None]:
+  """Holds an exclusive lock on `lock_path` (created) while the block runs; another process
+  entering the block waits for it. Released by the OS if the holder is killed."""
+  os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+  with open(lock_path, "a") as handle:
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def remove_leftovers(directory: str | os.PathLike) -> list[str]:

@@ -2,6 +2,7 @@
 
 import collections
 import json
+import os
 
 import numpy as np
 import pytest
@@ -271,3 +272,36 @@ def test_fashion_mnist_end_to_end(fashion_mnist_dir):
   )
   assert images.shape == (2000, 28, 28, 1)
   assert abs(images.mean()) < 0.05 and abs(images.std() - 1) < 0.05
+
+
+def _write_idx(path, array):
+  """`array` (uint8) as a gzipped IDX file, the format of the Fashion-MNIST files."""
+  import gzip
+  header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+  path.write_bytes(gzip.compress(header + np.ascontiguousarray(array, np.uint8).tobytes()))
+
+
+def test_a_process_preparing_fashion_mnist_waits_for_one_already_preparing_it(tmp_path):
+  """While one process holds the preparation lock, another does not write the dataset
+  beside it (TFDS alone would collide: FileExistsError); it prepares once the lock is free."""
+  import subprocess
+  import sys
+  from oba_jax import files
+  rng = np.random.default_rng(0)
+  for split, (images, labels) in fashion_mnist.IDX_FILES.items():
+    count = 12 if split == "train" else 4
+    _write_idx(tmp_path / images, rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
+    _write_idx(tmp_path / labels, rng.integers(0, 10, (count,), dtype=np.uint8))
+  data_dir = tmp_path / "tfds"
+  builder = fashion_mnist.FashionMnistIdx(data_dir=data_dir, file_format="array_record")
+  lock = os.path.join(builder.data_dir_root, f".{builder.name}.prepare.lock")
+  script = ("import sys; from oba_jax.data import fashion_mnist as f; "
+            "b = f.prepare(sys.argv[1], sys.argv[2]); print(b.info.splits['train'].num_examples)")
+  with files.exclusive(lock):
+    worker = subprocess.Popen([sys.executable, "-c", script, str(data_dir), str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    with pytest.raises(subprocess.TimeoutExpired):  # it waits for the lock (or is still starting)
+      worker.wait(timeout=8)
+    assert not builder.is_prepared()
+  out, _ = worker.communicate(timeout=120)
+  assert worker.returncode == 0 and out.split()[-1] == "12"

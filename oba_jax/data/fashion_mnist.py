@@ -12,6 +12,8 @@ import pathlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from oba_jax import files
+
 DEBIAN_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 ENV_VAR = "OBA_FASHION_MNIST_DIR"
 IDX_FILES = {  # split: (images, labels)
@@ -98,9 +100,17 @@ class FashionMnistIdx(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 def prepare(
     data_dir: str | os.PathLike | None = None, idx_dir: str | os.PathLike | None = None
 ) -> FashionMnistIdx:
-  """Returns the builder, writing the array_record files into `data_dir` on first use."""
+  """Returns the builder, writing the array_record files into `data_dir` on first use.
+
+  Processes preparing it at once (data-parallel workers, test workers) take turns: the
+  first writes the files, the others find them written (TFDS alone would collide).
+  """
   builder = FashionMnistIdx(data_dir=data_dir, file_format="array_record")
-  if not builder.is_prepared():
-    config = tfds.download.DownloadConfig(manual_dir=find_idx_dir(idx_dir))
-    builder.download_and_prepare(download_config=config)
+  if builder.is_prepared():
+    return builder
+  with files.exclusive(os.path.join(builder.data_dir_root, f".{builder.name}.prepare.lock")):
+    builder = FashionMnistIdx(data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared():
+      config = tfds.download.DownloadConfig(manual_dir=find_idx_dir(idx_dir))
+      builder.download_and_prepare(download_config=config)
   return builder
