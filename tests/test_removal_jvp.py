@@ -31,6 +31,9 @@ def _image_problem(name, mode, **kwargs):
   model.train() if mode == "train" else model.eval()
   size = 28 if name == "vit" else 16
   images = jax.random.normal(KEY, (6, size, size, 3))
+  # Running statistics in the images' dtype: training mode writes batch statistics into them.
+  nnx.update(model, jax.tree.map(lambda s: s.astype(images.dtype),
+                                 nnx.state(model, nnx.BatchStat)))
   return _classifier_loss(model, images, jnp.arange(6) % 10)
 
 
