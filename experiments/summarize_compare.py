@@ -56,9 +56,13 @@ def summarize(runs: list[dict], baseline: str) -> tuple[str, dict]:
   lines = [f"Seeds {seeds}; dense accuracy {dense.mean():.4f}{spread}; kept MACs reached: "
            + ", ".join(f"target {t:g}: {min(v):.3f}-{max(v):.3f}"
                        for t, v in sorted(kept.items(), reverse=True)), ""]
+  unreachable = paired.missing(rows, baseline=baseline)
+  if unreachable:  # a target the step rule could not reach on a seed: compared without it
+    lines += ["Compared on fewer seeds (the target was not reached there): "
+              + "; ".join(unreachable) + ".", ""]
   by_metric = {}
   for metric, what, higher in METRICS:
-    table = paired.paired_differences(rows, metric, baseline=baseline)
+    table = paired.paired_differences(rows, metric, baseline=baseline, missing_seeds=True)
     by_metric[metric] = table
     lines += [f"{what} ({'higher' if higher else 'lower'} is better); mean over {len(seeds)} "
               f"seeds (paired difference to {baseline} [95% CI]):", "",
@@ -75,12 +79,12 @@ def summarize_curves(runs: list[dict], baseline: str) -> tuple[str, list[dict]]:
   table = []
   for budget in budgets:
     for r in paired.paired_differences([r for r in rows if r["budget"] == budget], "accuracy",
-                                       baseline=baseline):
+                                       baseline=baseline, missing_seeds=True):
       table.append(dict(r, budget=budget))
   lines = []
   for target in sorted({r["target"] for r in table}, reverse=True):
     cells = {(r["criterion"], r["budget"]): r for r in table if r["target"] == target}
-    base = {r["budget"]: r["baseline_mean"] for r in cells.values()}
+    base = {r["budget"]: r["baseline_mean"] for r in sorted(cells.values(), key=lambda r: r["n"])}
     lines += [f"Kept FLOPs {target:g}: test accuracy after b fine-tuning steps; {baseline}'s "
               "mean, then each criterion's paired difference to it [95% CI] (smallest "
               "difference the seeds could detect, power 0.8):", "",

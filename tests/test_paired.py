@@ -45,6 +45,23 @@ def test_unpaired_runs_are_refused():
     paired.paired_differences(rows + rows[:1], "accuracy")
 
 
+def test_a_criterion_missing_a_seed_is_compared_on_the_seeds_both_have_when_asked():
+  """A target a step rule could not reach on one seed: that seed drops out, said aloud."""
+  base = {0: 0.50, 1: 0.70, 2: 0.60}
+  rows = _rows({("magnitude", 0.5): base, ("oba", 0.5): {0: 0.55, 2: 0.62},
+                ("taylor", 0.5): {0: 0.4, 1: 0.6, 2: 0.5}})
+  result = {r["criterion"]: r for r in paired.paired_differences(rows, "accuracy",
+                                                                  missing_seeds=True)}
+  assert result["oba"]["n"] == 2 and result["oba"]["difference"] == pytest.approx(0.035)
+  assert result["oba"]["baseline_mean"] == pytest.approx(0.55)  # over seeds 0 and 2
+  assert result["taylor"]["n"] == 3
+  assert paired.missing(rows) == ["oba at 0.5: no row on seeds [1]"]
+  wide = paired.wide_markdown(list(result.values()), "magnitude").splitlines()
+  assert wide[2] == "| magnitude | 0.600 |"  # the baseline over all its seeds
+  with pytest.raises(ValueError, match="not paired"):
+    paired.paired_differences(rows, "accuracy")
+
+
 def test_pipeline_rows_take_the_seed_of_each_run():
   results = [{"config": {"seed": s}, "pruned": [{"criterion": "oba", "target": 0.5,
                                                   "accuracy": 0.1 * s}]} for s in (3, 4)]

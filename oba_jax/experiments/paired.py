@@ -34,7 +34,8 @@ def budget_rows(rows: Iterable[dict]) -> list[dict]:
 
 
 def paired_differences(rows: Sequence[dict], metric: str, *, baseline: str = "magnitude",
-                       level: float = 0.95, power: float = 0.8) -> list[dict]:
+                       level: float = 0.95, power: float = 0.8,
+                       missing_seeds: bool = False) -> list[dict]:
   """Per (criterion, target): the mean of `metric`, and its paired difference to `baseline`.
 
   Returns one dict per criterion other than the baseline and target: "criterion",
@@ -44,7 +45,9 @@ def paired_differences(rows: Sequence[dict], metric: str, *, baseline: str = "ma
   would call significant with probability `power`, (t_{level} + t_{power}) s / sqrt(n)
   from the differences' own spread s (NaN with one seed). Raises ValueError when a
   criterion and the baseline were not run on the same seeds at a target (the
-  comparison would not be paired).
+  comparison would not be paired), unless `missing_seeds`: then each criterion is
+  compared on the seeds both have (a criterion that could not reach a target on some
+  seed); "n" and "baseline_mean" are over those seeds, and `missing` tells which.
   """
   by = collections.defaultdict(dict)
   for row in rows:
@@ -61,10 +64,10 @@ def paired_differences(rows: Sequence[dict], metric: str, *, baseline: str = "ma
     if criterion == baseline:
       continue
     base = by.get((baseline, target), {})
-    if set(values) != set(base):
+    seeds = sorted(set(values) & set(base))
+    if set(values) != set(base) and not (missing_seeds and seeds):
       raise ValueError(f"{criterion!r} at target {target} ran on seeds {sorted(values)} and "
                        f"the baseline {baseline!r} on {sorted(base)}: not paired.")
-    seeds = sorted(values)
     d = np.asarray([values[s] - base[s] for s in seeds])
     n = len(d)
     if n > 1:
@@ -81,6 +84,22 @@ def paired_differences(rows: Sequence[dict], metric: str, *, baseline: str = "ma
                 "significant": bool(n > 1 and (low > 0 or high < 0)),
                 "detectable": float(detectable)})
   return out
+
+
+def missing(rows: Sequence[dict], *, baseline: str = "magnitude") -> list[str]:
+  """One line per (criterion, target) that lacks a seed the baseline has, or the other way:
+  what `paired_differences(..., missing_seeds=True)` compared without. Those seeds are not
+  a random sample (a rule may fail to reach the target on the hard cases): report them."""
+  seeds = collections.defaultdict(set)
+  for row in rows:
+    seeds[(row["criterion"], row["target"])].add(row["seed"])
+  lines = []
+  for (criterion, target), own in sorted(seeds.items()):
+    base = seeds.get((baseline, target), set())
+    if criterion != baseline and own != base:
+      lines.append(f"{criterion} at {target:g}: no row on seeds {sorted(base - own)}"
+                   + (f", the baseline none on {sorted(own - base)}" if own - base else ""))
+  return lines
 
 
 def markdown(rows: Sequence[dict], metric: str, baseline: str, *,
@@ -106,7 +125,8 @@ def wide_markdown(rows: Sequence[dict], baseline: str, *, higher_is_better: bool
   targets = sorted({r["target"] for r in rows}, reverse=True)
   criteria = list(dict.fromkeys(r["criterion"] for r in rows))
   cell = {(r["criterion"], r["target"]): r for r in rows}
-  baseline_mean = {r["target"]: r["baseline_mean"] for r in rows}
+  baseline_mean = {r["target"]: r["baseline_mean"]  # over all its seeds: the row of most seeds
+                   for r in sorted(rows, key=lambda r: r["n"])}
   f = lambda x: f"{x:.{digits}f}"
   s = lambda x: f"{x:+.{digits}f}"
   lines = [f"| criterion | {' | '.join(f'kept {t:g}' for t in targets)} |",
