@@ -244,16 +244,18 @@ def _tokenizer_files(tokenizer, config: Mapping[str, Any],
   if source.get("chat_template"):
     tokenizer_config["chat_template"] = source["chat_template"]
   return {"tokenizer.json": tokenizer.to_str().encode(),
-          "tokenizer_config.json": _json(tokenizer_config),
-          "special_tokens_map.json": _json(special)}
+          "tokenizer_config.json": json_bytes(tokenizer_config),
+          "special_tokens_map.json": json_bytes(special)}
 
 
-def _json(value) -> bytes:
+def json_bytes(value) -> bytes:
+  """`value` as indented UTF-8 JSON with a final newline, the way the Hub writes it."""
   return (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode()
 
 
-def _write_directory(directory: str | os.PathLike, contents: Mapping[str, bytes]) -> None:
-  """Writes `contents` ({file name: bytes}, in order) as `directory` (see the module doc)."""
+def write_directory(directory: str | os.PathLike, contents: Mapping[str, bytes]) -> None:
+  """Writes `contents` ({relative file name: bytes}, in order) as `directory` (see the module
+  doc)."""
   directory = os.path.abspath(os.fspath(directory))
   if os.path.exists(directory) and not os.path.isdir(directory):
     raise NotADirectoryError(f"{directory} exists and is not a directory; the export writes a "
@@ -268,6 +270,7 @@ def _write_directory(directory: str | os.PathLike, contents: Mapping[str, bytes]
       os.replace(temporary, directory)
       return
     for name in contents:
+      os.makedirs(os.path.dirname(os.path.join(directory, name)), exist_ok=True)
       os.replace(os.path.join(temporary, name), os.path.join(directory, name))
   finally:
     with contextlib.suppress(OSError):
@@ -301,9 +304,9 @@ def export_llama_hf(model: Llama, directory: str | os.PathLike, *, tokenizer=Non
     contents.update(_tokenizer_files(tokenizer, config, source))
   tokens = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
   if tokens:
-    contents["generation_config.json"] = _json({**tokens, "do_sample": False})
-  contents["config.json"] = _json(config)
-  _write_directory(directory, contents)
+    contents["generation_config.json"] = json_bytes({**tokens, "do_sample": False})
+  contents["config.json"] = json_bytes(config)
+  write_directory(directory, contents)
   return config
 
 
