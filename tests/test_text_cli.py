@@ -326,3 +326,35 @@ def test_preset_leaves_keys_set_by_hand():
   config = smollm2_wordnet.apply_preset(config)
   assert config.targets == "0.5" and config.sequence_length == 128
   assert config.recovery.mode == "lora"
+
+
+@needs_wordnet
+def test_minilm_exports_bert_directories_that_carry_the_tokenizer_and_match(tmp_path):
+  from oba_jax.export import clients
+  from oba_jax.weights import bert_safetensors
+  _tiny_minilm_dir(tmp_path / "model", seed=0)
+  settings = dict(TINY_MINILM, model_dir=str(tmp_path / "model"), prune="mlp", scope="uniform")
+
+  def run(**overrides):
+    config = minilm_wordnet.get_config()
+    config.update(progress=False, **{**settings, **overrides})
+    config.export.formats = "hf"
+    return minilm_wordnet.run(config, str(tmp_path / "run"))
+
+  with pytest.raises(ValueError, match="prune='all', scope='uniform': BertModel computes"):
+    run(prune="all")
+  assert not os.path.exists(tmp_path / "run" / "config.json")
+  results = run()
+  files = results["export"]["files"]
+  assert sorted(files) == ["dense", "random_seed1_0.9"]
+  widths = {}
+  for name, written in files.items():
+    directory = written["hf"]["path"]
+    assert os.path.isfile(os.path.join(directory, "tokenizer.json")), name
+    widths[name] = bert_safetensors.load_bert(directory)[1]["ffn_dim"]
+    agreement = written["hf"]["transformers_hidden_states"]
+    if "transformers" in clients.missing():
+      assert "skipped" in agreement
+    else:  # the tiny model's hidden states are O(1)
+      assert agreement["max_abs"] < 1e-4, agreement
+  assert widths["random_seed1_0.9"] < widths["dense"] == 12

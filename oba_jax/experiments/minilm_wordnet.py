@@ -14,6 +14,18 @@ calibration pairs, the same kind of objective the model was trained with — not
 whose gradient vanishes at the dense weights. Embeddings are never pruned; the model width is
 fixed by the pooled output; groups are heads, features within heads and FFN units.
 
+**Export** (`export.formats=hf`): the dense model and every target of `export.criterion`'s
+runs at the first calibration seed as Hugging Face `BertModel` directories under workdir/export/
+(`oba_jax.export.export_bert_hf`: the source's tokenizer and sentence-transformers files come
+along, so `SentenceTransformer(dir)` loads them). `BertModel` keeps the attention whole and one
+feed-forward width per model, so exporting needs `prune=mlp` and `scope=uniform`; with
+`export.check` and transformers installed (`pip install -e '.[export]'`, torch 2.13.0),
+results.json's `export` records each directory's size and transformers' hidden states against
+ours on the first held-out batch.
+
+  python -m oba_jax.experiments.minilm_wordnet --workdir=/tmp/minilm_export \
+      --config.prune=mlp --config.scope=uniform --config.export.formats=hf
+
 Smoke mode (`--config.smoke=True`) runs a tiny random BERT on UTF-8 bytes: no download.
 """
 
@@ -28,8 +40,10 @@ from flax import nnx
 from oba_jax import files
 from oba_jax.data import wordnet
 from oba_jax.experiments import cli, text_pruning
+from oba_jax.export import clients, export_bert_hf, huggingface
 from oba_jax.functional import Objective
 from oba_jax.models import Bert
+from oba_jax.validate import check_choice
 
 EMBEDDINGS = ("word_embeddings", "position_embeddings", "token_type_embeddings")
 
@@ -42,7 +56,16 @@ HELP = {
     "eval_pairs": "held-out (example sentence, definition) pairs of the retrieval test",
     "eval_seed": "seed choosing the held-out pairs",
     "scale": "logit scale of the in-batch contrastive (InfoNCE) scoring loss",
+    "export.formats": "hf: a BertModel directory of the dense model and of export.criterion's "
+                      "runs (needs prune=mlp and scope=uniform: BertModel keeps the attention "
+                      "whole and one feed-forward width); empty: none",
+    "export.criterion": "the criterion whose runs (first calibration seed, every target) are "
+                        "exported; empty: the first of criteria",
+    "export.hf_dtype": f"safetensors dtype: {'|'.join(huggingface.DTYPES)}",
+    "export.check": "load the directories in transformers when installed: hidden states "
+                    "against oba_jax's on the first held-out batch",
 }
+EXPORT_FORMATS = ("hf",)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -57,6 +80,11 @@ def get_config() -> ml_collections.ConfigDict:
   # No obd_fisher: the in-batch contrastive loss has no per-example Fisher.
   c.criteria = "random,magnitude,taylor,activation_norm,oba,oba_residual,oba_bilinear,oba_t12"
   c.calibration_batches = 16
+  c.export = ml_collections.ConfigDict()
+  c.export.formats = ""  # "hf", or empty: no export
+  c.export.criterion = ""  # empty: the first of criteria
+  c.export.hf_dtype = "float32"
+  c.export.check = True
   return c
 
 
@@ -108,7 +136,52 @@ def retrieval(model: nnx.Module, queries, keys) -> dict:
           "mrr": float(np.mean(1.0 / (rank + 1))), "pairs": int(len(rank))}
 
 
+def check_export(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming a bad `export.*`, or a `prune`/`scope` BertModel cannot hold."""
+  e = config.export
+  if not cli.names(e.formats):
+    return
+  cli.check_names("export.formats", e.formats, EXPORT_FORMATS)
+  if config.prune != "mlp" or config.scope != "uniform":
+    raise ValueError(f"export.formats={e.formats!r} with prune={config.prune!r}, scope="
+                     f"{config.scope!r}: BertModel computes the head size as hidden_size / "
+                     "num_attention_heads and has one feed-forward width, so the plans may "
+                     "remove feed-forward units only, the same number per layer; set prune=mlp "
+                     "and scope=uniform.")
+  if e.criterion and e.criterion not in cli.names(config.criteria):
+    raise ValueError(f"export.criterion={e.criterion!r} is not one of criteria="
+                     f"{config.criteria!r}.")
+  check_choice("export.hf_dtype", e.hf_dtype, huggingface.DTYPES)
+
+
+def _export(config, source: str | None, held_out: dict) -> text_pruning.Export | None:
+  """`Task.export` for `config.export`: BertModel directories of the dense model and of
+  export.criterion's runs at the first calibration seed, checked in transformers; None without
+  formats. `source` is the model directory (None in smoke mode: weights and config alone)."""
+  e = config.export
+  if not cli.names(e.formats):
+    return None
+  criterion = e.criterion or cli.names(config.criteria)[0]
+  first_seed = int(cli.names(config.calibration_seeds)[0])
+  missing = clients.missing() if e.check else {}
+
+  def write(model, name, directory):
+    path = os.path.join(directory, f"{name}.hf")
+    export_bert_hf(model, path, source=source, dtype=e.hf_dtype)
+    out = {"path": path, "dtype": e.hf_dtype, "bytes": sum(
+        os.path.getsize(os.path.join(root, f)) for root, _, names in os.walk(path) for f in names)}
+    if e.check:
+      out["transformers_hidden_states"] = (
+          {"skipped": missing["transformers"]} if "transformers" in missing
+          else clients.transformers_bert_agreement(path, model, [held_out]))
+    return {"hf": out}
+
+  return text_pruning.Export(wanted=lambda c, seed: c == criterion and seed == first_seed,
+                             write=write, compare=lambda written: {})
+
+
 def build_task(config) -> text_pruning.Task:
+  source = None
   if config.smoke:
     model = Bert(vocab_size=256, hidden=32, num_layers=2, num_heads=4, ffn_dim=32,
                  max_positions=64, rngs=nnx.Rngs(0))
@@ -124,6 +197,7 @@ def build_task(config) -> text_pruning.Task:
     weights = {name: files.fingerprint(os.path.join(directory, name))
                for name in bert_safetensors.FILES if os.path.exists(os.path.join(directory, name))}
     model, model_config = bert_safetensors.load_bert(directory, dtype=jnp.float32)
+    source = directory
     tokenizer = bert_safetensors.bert_tokenizer(directory)
     # [CLS] ... [SEP] as sentence-transformers encodes; truncation keeps [CLS] and drops the end.
     encode, pad_id = (lambda text: tokenizer.encode(text).ids), 0
@@ -158,12 +232,14 @@ def build_task(config) -> text_pruning.Task:
       model=model, example_inputs=example, ignore=ignore,
       objective=contrastive_objective(config.scale), calibration=calibration,
       evaluate=lambda m: retrieval(m, queries, keys), metric="recall_at_1",
-      higher_is_better=True, info=info, inputs={"weights": weights, "text": text_source})
+      higher_is_better=True, info=info, inputs={"weights": weights, "text": text_source},
+      export=_export(config, source, queries[0]))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.batch_size < 2 or config.max_tokens < 2 or config.eval_pairs < 2:
     raise ValueError("batch_size, max_tokens and eval_pairs must be >= 2.")
+  check_export(config)
   config, parsed, task, traced = text_pruning.start(config, workdir, _smoke, build_task,
                                                     independent_examples=False)
   return text_pruning.run_task(config, workdir, task, parsed, traced)

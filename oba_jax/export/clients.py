@@ -83,6 +83,25 @@ def transformers_agreement(directory: str, model, sequences: Sequence[Sequence[i
   return _agreement(logits, model, sequences)
 
 
+def transformers_bert_agreement(directory: str, model, batches: Sequence[Mapping]) -> dict:
+  """Max |transformers - `model`| last hidden states of the `BertModel` `directory` over the
+  unpadded tokens of `batches` ({"tokens", "mask"} arrays), absolute and over the largest."""
+  import torch  # noqa: PLC0415 (optional)
+  import transformers  # noqa: PLC0415 (optional)
+  hf = transformers.BertModel.from_pretrained(str(directory), dtype=torch.float32).eval()
+  worst, worst_relative = 0.0, 0.0
+  for batch in batches:
+    tokens, mask = np.asarray(batch["tokens"]), np.asarray(batch["mask"]).astype(bool)
+    with torch.no_grad():
+      theirs = hf(input_ids=torch.tensor(tokens, dtype=torch.long),
+                  attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state.numpy()
+    ours = np.asarray(model.hidden_states(jnp.asarray(tokens), jnp.asarray(mask)), np.float32)
+    difference = float(np.abs(theirs[mask] - ours[mask]).max())
+    worst = max(worst, difference)
+    worst_relative = max(worst_relative, difference / float(np.abs(ours[mask]).max()))
+  return {"batches": len(batches), "max_abs": worst, "max_abs_over_max_hidden": worst_relative}
+
+
 def _interleaved(runners: Mapping[str, Callable[[], tuple[float, float, list[int]]]],
                  reps: int, prompt_tokens: int, generate: int) -> dict:
   """Median tokens/s of each runner (`() -> (prefill s, decode s, generated ids)`), round 0 a
@@ -161,4 +180,4 @@ def transformers_speed(directories: Mapping[str, str], prompt: Sequence[int],
 
 
 __all__ = ["INSTALL", "llama_cpp_agreement", "llama_cpp_speed", "missing",
-           "transformers_agreement", "transformers_speed"]
+           "transformers_agreement", "transformers_bert_agreement", "transformers_speed"]
