@@ -148,9 +148,7 @@ def check_export(config: ml_collections.ConfigDict) -> None:
                      "num_attention_heads and has one feed-forward width, so the plans may "
                      "remove feed-forward units only, the same number per layer; set prune=mlp "
                      "and scope=uniform.")
-  if e.criterion and e.criterion not in cli.names(config.criteria):
-    raise ValueError(f"export.criterion={e.criterion!r} is not one of criteria="
-                     f"{config.criteria!r}.")
+  text_pruning.check_export_criterion(config)
   check_choice("export.hf_dtype", e.hf_dtype, huggingface.DTYPES)
 
 

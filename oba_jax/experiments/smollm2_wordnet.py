@@ -438,9 +438,7 @@ def check_export(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"export.formats={e.formats!r} with scope={config.scope!r}: a "
                      "LlamaForCausalLM has the same widths in every layer; set scope=uniform "
                      "(or export gguf only, which holds per-layer widths).")
-  if e.criterion and e.criterion not in cli.names(config.criteria):
-    raise ValueError(f"export.criterion={e.criterion!r} is not one of criteria="
-                     f"{config.criteria!r}.")
+  text_pruning.check_export_criterion(config)
   check_choice("export.gguf_dtype", e.gguf_dtype, gguf_export.DTYPES)
   check_choice("export.hf_dtype", e.hf_dtype, huggingface.DTYPES)
   for key in ("sequences", "generate", "reps", "threads"):

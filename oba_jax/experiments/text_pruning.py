@@ -175,6 +175,13 @@ def add_common_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   return c
 
 
+def check_export_criterion(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError unless `export.criterion` is empty or one of `criteria`."""
+  if config.export.criterion and config.export.criterion not in cli.names(config.criteria):
+    raise ValueError(f"export.criterion={config.export.criterion!r} is not one of criteria="
+                     f"{config.criteria!r}.")
+
+
 def check_common(config: ml_collections.ConfigDict) -> dict:
   """The parsed lists, or a ValueError naming the bad setting (before any work)."""
   names = cli.check_names("criteria", config.criteria, criteria.CRITERIA)

@@ -28,7 +28,7 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
-from oba_jax.export.huggingface import DTYPES, json_bytes, write_directory
+from oba_jax.export.huggingface import DTYPES, check_arguments, json_bytes, write_directory
 from oba_jax.export.llama_gguf import ExportError
 from oba_jax.models.bert import Bert
 from oba_jax.models.vit import MultiHeadAttention
@@ -93,11 +93,7 @@ def bert_hf_config(model: Bert, source_config: Mapping[str, Any] | None = None, 
   `source_config` is the dense source's config.json (its other settings are kept); the sizes
   are the model's own.
   """
-  if not isinstance(model, Bert):
-    raise ExportError(f"export_bert_hf exports an oba_jax.models.Bert; got a "
-                      f"{type(model).__module__}.{type(model).__name__}.")
-  if dtype not in DTYPES:
-    raise ValueError(f"dtype={dtype!r}; accepted: {sorted(DTYPES)}.")
+  check_arguments(model, Bert, "export_bert_hf", dtype)
   leaves = _flat(model)
   vocab, hidden = leaves["word_embeddings/embedding"].shape
   changed, units = [], []

@@ -99,6 +99,15 @@ def _rope_theta(inv_freq: np.ndarray, head_dim: int, given: float | None) -> flo
   return given
 
 
+def check_arguments(model, kind: type, exporter: str, dtype: str) -> None:
+  """Raises ExportError unless `model` is a `kind`, ValueError for a dtype not in `DTYPES`."""
+  if not isinstance(model, kind):
+    raise ExportError(f"{exporter} exports an oba_jax.models.{kind.__name__}; got a "
+                      f"{type(model).__module__}.{type(model).__name__}.")
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype={dtype!r}; accepted: {sorted(DTYPES)}.")
+
+
 def _check_source_config(source_config: Mapping[str, Any] | None) -> dict[str, Any]:
   source = dict(source_config or {})
   unknown = sorted(set(source) - set(_LLAMA_KEYS) - set(HF_SETTINGS))
@@ -116,11 +125,7 @@ def llama_hf_config(model: Llama, source_config: Mapping[str, Any] | None = None
   config: rope_theta and norm_eps are checked against the model) and optionally `HF_SETTINGS`
   (context length, token ids, chat template). The widths are the model's own.
   """
-  if not isinstance(model, Llama):
-    raise ExportError(f"export_llama_hf exports an oba_jax.models.Llama; got a "
-                      f"{type(model).__module__}.{type(model).__name__}.")
-  if dtype not in DTYPES:
-    raise ValueError(f"dtype={dtype!r}; accepted: {sorted(DTYPES)}.")
+  check_arguments(model, Llama, "export_llama_hf", dtype)
   source = _check_source_config(source_config)
   embedding = _value(model.embed.embedding)
   vocab, d_model = embedding.shape
