@@ -246,12 +246,18 @@ def test_smollm2_smoke_preset_packs_both_corpora_recovers_exports_and_resumes(tm
   _check_export(results)
   stamps = {f"{d}/{p}": os.path.getmtime(tmp_path / d / p)
             for d in ("recovered", "export") for p in os.listdir(tmp_path / d)}
-  assert len([p for p in stamps if p.startswith("recovered/")]) == 2
+  seeds = results["config"]["calibration_seeds"].split(",")
+  assert sorted(results["dense_recovered"]) == sorted(seeds)  # the baseline of the recovered
+  for after in results["dense_recovered"].values():
+    assert after["perplexity"] != results["dense"]["perplexity"]
+  assert len([p for p in stamps if p.startswith("recovered/")]) == len(results["runs"]) + len(
+      seeds)
   again = _run_flat(tmp_path, preset="issue23", criteria="random", **EXPORT)  # nothing recomputed
   assert {p: os.path.getmtime(tmp_path / p) for p in stamps} == stamps
   assert [r["after_recovery"] for r in again["runs"]] == [r["after_recovery"]
                                                           for r in results["runs"]]
   assert again["export"] == results["export"]
+  assert again["dense_recovered"] == results["dense_recovered"]
 
 
 def _check_export(results):

@@ -14,7 +14,10 @@ A `Task` says what is model-specific (the model, its batches, its task loss, its
   -> with a `Task.recover` (recovery fine-tuning): the compacted model recovered (resumable in
      recovery/<criterion>_seed<s>_<target>/) and evaluated again (cached:
      recovered/<criterion>_seed<s>_<target>.json); the row gets `after_recovery` (the metrics)
-     and `recovery_seconds`
+     and `recovery_seconds`. The dense model gets the same recovery once per calibration seed
+     (recovered/dense_seed<s>.json; results.json's `dense_recovered`): recovery on calibration
+     text also adapts a model to that text, so a recovered model is compared with the dense
+     model recovered alike, not with the dense model as it was
   -> with a `Task.export`: the final model (recovered, else compacted) of the runs it wants, and
      the dense one, written in deployment formats and checked in their clients (cached:
      export/<criterion>_seed<s>_<target>.json), then compared across files (export/compare.json);
@@ -401,8 +404,16 @@ def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed
   rows, exported = [], {}
   if task.export is not None:
     exported["dense"] = _exported(task.export, lambda: task.model, "dense", workdir)
+  dense_recovered = {}
   for seed in parsed["seeds"]:
     batches = None
+    if task.recover is not None:
+      dense_name = f"dense_seed{seed}"
+      dense_recovered[str(seed)] = _recovered(task, dense_name, workdir, lambda: task.recover(
+          task.model, seed, os.path.join(workdir, "recovery", dense_name),
+          f"recover {dense_name}"))["after_recovery"]
+      print(f"dense seed {seed} recovered: "
+            f"{task.metric}={dense_recovered[str(seed)][task.metric]:.4f}")
     for name in parsed["criteria"]:
       key = jax.random.key(seed)
       path = os.path.join(workdir, "scores", f"{name}_seed{seed}.npz")
@@ -442,7 +453,7 @@ def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed
         print(f"{name} seed {seed} target {target:g}: {task.metric}={row[task.metric]:.4f} "
               f"kept_params={row['kept_params']:.4f}")
         if task.recover is not None:
-          row = {**row, **_recovered(task, run, workdir)}
+          row = {**row, **_recovered(task, run.name, workdir, lambda run=run: run.recovered)}
           print(f"{name} seed {seed} target {target:g} recovered: "
                 f"{task.metric}={row['after_recovery'][task.metric]:.4f}")
         if task.export is not None and task.export.wanted(name, seed):
@@ -452,6 +463,8 @@ def run_task(config: ml_collections.ConfigDict, workdir: str, task: Task, parsed
   results = {"config": config.to_dict(), "dense": dense, "runs": rows, "costs": costs,
              "info": task.info, "metric": task.metric, "dense_params": dense_params,
              "groups": {g.name: g.size for g in traced.groups}}
+  if task.recover is not None:
+    results["dense_recovered"] = dense_recovered
   if task.export is not None:
     results["export"] = {"files": exported, "compare": _compared(task.export, exported, workdir)}
   cli.write_json(os.path.join(workdir, "results.json"), results)
@@ -502,14 +515,15 @@ class _Run:
     return self.recovered[0]
 
 
-def _recovered(task: Task, run: _Run, workdir: str) -> dict:
-  """{"after_recovery": metrics, "recovery_seconds", ...} of the recovered run, cached in
-  recovered/<run name>.json; the recovery resumes from recovery/<run name>/."""
-  path = os.path.join(workdir, "recovered", f"{run.name}.json")
+def _recovered(task: Task, name: str, workdir: str,
+               recover: Callable[[], tuple[nnx.Module, dict]]) -> dict:
+  """{"after_recovery": metrics, "recovery_seconds", ...} of `recover()` (a run's or the dense
+  model's recovery, resuming from recovery/<name>/), cached in recovered/<name>.json."""
+  path = os.path.join(workdir, "recovered", f"{name}.json")
   if os.path.exists(path):
     return cli.read_json(path, what="a cached recovered evaluation")
   start = time.perf_counter()
-  model, info = run.recovered
+  model, info = recover()
   seconds = time.perf_counter() - start
   start = time.perf_counter()
   metrics = task.evaluate(model)

@@ -7,12 +7,15 @@ from oba_jax import files
 
 def table(results: dict) -> str:
   """One line per run (criterion, seed, target, kept fraction, metric, and the metric after
-  recovery when there was one), then the costs."""
+  recovery when there was one; the dense model's recovery per seed too), then the costs."""
   metric = results["metric"]
   recovered = any("after_recovery" in r for r in results["runs"])
   after = f" {'recovered':>12s}" if recovered else ""
   lines = [f"{'criterion':16s} {'seed':>4s} {'target':>6s} {'kept':>6s} {metric:>12s}{after}",
            f"{'dense':16s} {'':>4s} {'':>6s} {1.0:6.3f} {results['dense'][metric]:12.4f}"]
+  for seed, metrics in results.get("dense_recovered", {}).items():  # the recovered baseline
+    lines.append(f"{'dense':16s} {int(seed):4d} {'':>6s} {1.0:6.3f} {'':>12s} "
+                 f"{metrics[metric]:12.4f}")
   for r in results["runs"]:
     after = (f" {r['after_recovery'][metric]:12.4f}" if "after_recovery" in r
              else f" {'':>12s}" if recovered else "")
