@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -121,6 +122,26 @@ def test_a_resume_on_other_inputs_is_refused_naming_them(tmp_path):
   weights.write_bytes(b"first weights")
   with pytest.raises(ValueError, match=r"text: 'built-in sentences' then, 'WordNet' now"):
     cli.claim_workdir(workdir, config(), {**inputs(), "text": "WordNet"})
+
+
+def test_a_workdir_copied_beside_a_copy_of_its_inputs_resumes(tmp_path):
+  weights = tmp_path / "here" / "model.bin"
+  weights.parent.mkdir()
+  weights.write_bytes(b"the weights")
+  workdir = tmp_path / "run"
+  cli.claim_workdir(str(workdir), config(), {"weights": files.fingerprint(weights)})
+  (workdir / "dense.json").write_text("{}")  # a cached stage
+  moved = tmp_path / "elsewhere" / "model.bin"  # another machine, another environment
+  moved.parent.mkdir()
+  moved.write_bytes(b"the weights")
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns(cli.LOCK_FILE))
+  cli.claim_workdir(str(copy), config(), {"weights": files.fingerprint(moved)})
+  recorded = json.loads((copy / cli.INPUTS_FILE).read_text())
+  assert recorded["weights"]["path"] == str(moved)  # it records where they are now
+  moved.write_bytes(b"other weight")  # same size and place, other content: refused
+  with pytest.raises(ValueError, match=r"on other inputs \(weights: "):
+    cli.claim_workdir(str(copy), config(), {"weights": files.fingerprint(moved)})
 
 
 def test_the_data_and_weights_a_config_names_are_part_of_the_identity(tmp_path):

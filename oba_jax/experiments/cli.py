@@ -116,7 +116,9 @@ def claim_workdir(workdir: str, config: ml_collections.ConfigDict,
   have been checked before (nothing the run can still refuse may come after the claim).
   Refused, before anything is written: a workdir that is a file or not writable, one that
   another run holds (a lock for this process's lifetime), and one that holds a checkpoint
-  or a result of another configuration or of other inputs. A workdir whose recorded
+  or a result of another configuration or of other inputs (compared by content: the same
+  file at another path, as in a copied workdir or another environment, is the same input).
+  A workdir whose recorded
   configuration never produced a checkpoint or a result (a run that failed on a bad
   setting or missing data) is taken over.
   """
@@ -136,7 +138,8 @@ def claim_workdir(workdir: str, config: ml_collections.ConfigDict,
     found = comparable(read_json(path, what="the workdir's recorded configuration"))
     recorded = (read_json(inputs_path, what="fingerprints of the inputs the workdir's run "
                           "read") if os.path.exists(inputs_path) else inputs)
-    changed = sorted(k for k in set(recorded) | set(inputs) if recorded.get(k) != inputs.get(k))
+    changed = sorted(k for k in set(recorded) | set(inputs)
+                     if _content(recorded.get(k)) != _content(inputs.get(k)))
     if found == wanted and not changed:
       write_json(inputs_path, inputs)
       return
@@ -169,6 +172,16 @@ def path_inputs(config: ml_collections.ConfigDict) -> dict[str, dict]:
   if "data_dir" in paths and flat.get("dataset") and os.path.isdir(own):
     paths["data_dir"] = own
   return {key: files.fingerprint(path) for key, path in paths.items()}
+
+
+def _content(value: Any) -> Any:
+  """An input's identity: its fingerprint without the path of a file or directory whose
+  digest it holds, so that a workdir copied to another machine, or weights installed in
+  another environment, resume; what they hold still has to be the same."""
+  if not isinstance(value, dict):
+    return value
+  located = "sha256" in value or "names_and_sizes" in value
+  return {k: _content(v) for k, v in value.items() if not (located and k == "path")}
 
 
 def _change(name: str, before: Any, now: Any) -> str:
