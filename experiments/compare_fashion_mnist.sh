@@ -7,14 +7,17 @@
 #   so a stopped comparison has the same seeds for every model; rerunning the command resumes it
 #   (finished runs are skipped, a killed one continues from its fine-tuning checkpoints).
 #   Optional: MODELS (default "vgg resnet20 vit"; "resnet" is the ResNet-8 of the superseded
-#   comparison), CRITERIA (default: compare_criteria's), EXTRA (more --config flags for every
-#   run), and DENSE_FROM=DIR to start each run from DIR/<model>/seed<k>/dense, the dense model of
-#   an earlier run, so that more criteria join it paired (same dense model, batches and order).
+#   comparison), CRITERIA (default: compare_criteria's) and CRITERIA_<model> for one model
+#   (e.g. CRITERIA_vit), EXTRA (more --config flags for every run), and DENSE_FROM=DIR to start
+#   each run from DIR/<model>/seed<k>/dense, or from DIR/<model>_seed<k> (RECORD's dense
+#   models), the dense model of an earlier run, so that more criteria join it paired (same
+#   dense model, batches and order; summarize_compare.py checks the dense accuracy agrees).
 #   RECORD=DIR copies each finished run's results.json to DIR/<model>_seed<k>.json and skips the
 #   runs already there; while a run goes on, its finished cells (criterion x target, see
 #   oba_jax/experiments/cells.py) are copied to DIR/cells/<model>_seed<k> every few minutes and
-#   back into a new WORKDIR, with the trained dense model (DIR/dense/<model>_seed<k>), so a
-#   comparison resumes from a commit of DIR on another machine.
+#   back into a new WORKDIR, with the trained dense model (DIR/dense/<model>_seed<k>, kept
+#   when the run is done, for criteria added later), so a comparison resumes from a commit of
+#   DIR on another machine.
 #   Then: python experiments/summarize_compare.py WORKDIR/*/seed*/results.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,7 +75,9 @@ record_cells() {  # the finished cells of the runs under way, and their dense mo
     name=$(basename "$(dirname "$run")")_$(basename "$run")
     mkdir -p "$RECORD/cells/$name" "$RECORD/dense"
     cp -r "$cells/." "$RECORD/cells/$name/"
-    [ -d "$RECORD/dense/$name" ] || cp -r "$run/dense" "$RECORD/dense/$name"
+    if [ -d "$run/dense" ] && [ ! -d "$RECORD/dense/$name" ]; then  # none with DENSE_FROM
+      cp -r "$run/dense" "$RECORD/dense/$name"
+    fi
   done
 }
 
@@ -84,8 +89,14 @@ worker() {  # pops "model seed" lines off the queue until it is empty
     read -r model seed <<< "$job"
     echo "$(date -u +%H:%M:%S) core $core: $model seed $seed"
     extra=()
-    [ -z "${CRITERIA:-}" ] || extra+=("--config.criteria=$CRITERIA")
-    [ -z "${DENSE_FROM:-}" ] || extra+=("--config.init.checkpoint=$DENSE_FROM/$model/seed$seed/dense")
+    criteria_of_model="CRITERIA_$model"
+    criteria=${!criteria_of_model:-${CRITERIA:-}}
+    [ -z "$criteria" ] || extra+=("--config.criteria=$criteria")
+    if [ -n "${DENSE_FROM:-}" ]; then
+      dense="$DENSE_FROM/$model/seed$seed/dense"
+      [ -d "$dense" ] || dense="$DENSE_FROM/${model}_seed$seed"
+      extra+=("--config.init.checkpoint=$dense")
+    fi
     # shellcheck disable=SC2206
     [ -z "${EXTRA:-}" ] || extra+=($EXTRA)
     # shellcheck disable=SC2046
@@ -95,7 +106,11 @@ worker() {  # pops "model seed" lines off the queue until it is empty
       || echo "$model seed $seed failed: see $WORKDIR/$model-seed$seed.log"
     if [ -n "${RECORD:-}" ] && [ -f "$WORKDIR/$model/seed$seed/results.json" ]; then
       mkdir -p "$RECORD" && cp "$WORKDIR/$model/seed$seed/results.json" "$RECORD/${model}_seed$seed.json"
-      rm -rf "$RECORD/cells/${model}_seed$seed" "$RECORD/dense/${model}_seed$seed"  # done
+      rm -rf "$RECORD/cells/${model}_seed$seed"  # done; its dense model stays:
+      if [ -d "$WORKDIR/$model/seed$seed/dense" ] && [ ! -d "$RECORD/dense/${model}_seed$seed" ]; then
+        mkdir -p "$RECORD/dense"
+        cp -r "$WORKDIR/$model/seed$seed/dense" "$RECORD/dense/${model}_seed$seed"
+      fi
     fi
   done
 }
