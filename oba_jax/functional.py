@@ -19,6 +19,13 @@ from flax import nnx
 PyTree = Any
 
 
+def flat_state(module: nnx.Module, *filters) -> dict[str, nnx.Variable]:
+  """{"layers/0/attention/query/kernel": variable, ...}: `module`'s state (of `filters`, default
+  all) by the slash-joined paths that pruning structures and plans name leaves with."""
+  return {"/".join(map(str, path)): variable
+          for path, variable in nnx.to_flat_state(nnx.state(module, *filters))}
+
+
 def functional(model: nnx.Module) -> tuple[Callable[..., Any], dict]:
   """Splits an NNX module into a pure `apply_fn(params, *inputs)` and its params."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)

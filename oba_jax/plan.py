@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import numbers
-import re
 import types
 from collections.abc import Collection, Mapping, Sequence
 from typing import ClassVar

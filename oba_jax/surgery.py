@@ -205,8 +205,7 @@ def compact(model: nnx.Module, plan: "oba_jax.plan.Plan",
       group without `renormalize=True`, naming its module).
   """
   structure = _structure_of(plan, structure)
-  structure.check_model_leaves({"/".join(map(str, path)): np.shape(v.get_value())
-                                for path, v in nnx.to_flat_state(nnx.state(model))})
+  structure.check_model(model)
   removed = plan.removed
   deletions: dict[tuple[str, int], set[int]] = collections.defaultdict(set)
   factors: dict[tuple[str, int, int], tuple[tuple[int, ...], list[int]]] = {}

@@ -30,6 +30,7 @@ from flax import nnx
 
 from oba_jax.export.huggingface import DTYPES, check_arguments, json_bytes, write_directory
 from oba_jax.export.llama_gguf import ExportError
+from oba_jax.functional import flat_state
 from oba_jax.models.bert import Bert
 from oba_jax.models.vit import MultiHeadAttention
 from oba_jax.structure.groups import Structure
@@ -75,15 +76,13 @@ def attention_groups(structure: Structure, model: nnx.Module) -> frozenset[str]:
   if not prefixes:
     raise ValueError(f"{type(model).__name__} has no MultiHeadAttention: the restriction is for "
                      "oba_jax.models.Bert.")
-  structure.check_model_leaves({"/".join(map(str, path)): np.shape(v.get_value())
-                                for path, v in nnx.to_flat_state(nnx.state(model))})
+  structure.check_model(model)
   return frozenset(g.name for g in structure.groups
                    if any(m.path.startswith(prefixes) for m in g.members))
 
 
 def _flat(model: nnx.Module) -> dict[str, np.ndarray]:
-  return {"/".join(map(str, path)): np.asarray(v.get_value())
-          for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  return {path: np.asarray(v.get_value()) for path, v in flat_state(model, nnx.Param).items()}
 
 
 def bert_hf_config(model: Bert, source_config: Mapping[str, Any] | None = None, *,

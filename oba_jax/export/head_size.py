@@ -39,8 +39,7 @@ def head_size_groups(structure: Structure, model: nnx.Module) -> frozenset[str]:
   if not head_axes:
     raise ValueError(f"{type(model).__name__} has no LlamaAttention: the head-size restriction "
                      "is for oba_jax.models.Llama.")
-  structure.check_model_leaves({"/".join(map(str, path)): np.shape(v.get_value())
-                                for path, v in nnx.to_flat_state(nnx.state(model))})
+  structure.check_model(model)
   return frozenset(
       g.name for g in structure.groups
       if any(m.path in rotary or m.span % head_axes.get((m.path, m.axis), 1)

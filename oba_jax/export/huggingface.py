@@ -34,10 +34,10 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import safetensors.numpy
-from flax import nnx
 
 from oba_jax import files
 from oba_jax.export.llama_gguf import ExportError
+from oba_jax.functional import flat_state
 from oba_jax.models.llama import Llama, rope_frequencies
 from oba_jax.weights.fill import ArchitectureError, build
 
@@ -209,7 +209,7 @@ def llama_hf_tensors(model: Llama, config: Mapping[str, Any]) -> dict[str, np.nd
   if model.lm_head is not None:
     out["lm_head.weight"] = _value(model.lm_head.kernel).T
   for i, layer in enumerate(model.layers):
-    state = {"/".join(map(str, path)): v for path, v in nnx.to_flat_state(nnx.state(layer))}
+    state = flat_state(layer)
     for ours, theirs in _BLOCK.items():
       value = _value(state[ours])
       if ours.endswith("/kernel"):

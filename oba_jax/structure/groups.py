@@ -23,6 +23,9 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from flax import nnx
+
+from oba_jax.functional import flat_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +102,11 @@ class Structure:
   # its result on them), else None.
   example: tuple | None = dataclasses.field(default=None, compare=False, repr=False)
   ignore: tuple[str, ...] = ()  # the `ignore` prefixes it was traced with
+
+  def check_model(self, model: nnx.Module) -> None:
+    """Raises ValueError unless the NNX `model`'s leaves are the traced ones."""
+    self.check_model_leaves({path: np.shape(variable.get_value())
+                             for path, variable in flat_state(model).items()})
 
   def check_model_leaves(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Raises ValueError unless a model's leaves (path -> shape) are the traced ones."""
