@@ -74,33 +74,13 @@ def per_seed_table(results: dict, extra: list[str]) -> str:
 def paired_table(rows: list[dict], key: str, baseline: str, *, log: bool,
                  reference: dict[str, float]) -> str:
   """Each criterion's mean and paired difference to `baseline` per target; `log`: `key` is a
-  log-perplexity, shown as geometric-mean perplexity and ratio. `reference` adds lines of
-  fixed values (the dense model's)."""
+  log-perplexity, shown as geometric-mean perplexity and ratio (lower is better).
+  `reference` adds lines of fixed values (the dense model's)."""
   table = paired.paired_differences(rows, key, baseline=baseline, missing_seeds=True)
-  targets = sorted({r["target"] for r in table}, reverse=True)
-  show = (lambda x: f"{math.exp(x):.1f}") if log else (lambda x: f"{x:.4f}")
-  change = ((lambda d: f"x{math.exp(d):.3f}") if log else (lambda d: f"{d:+.4f}"))
-  lines = ["| criterion | " + " | ".join(f"kept {t:g}" for t in targets) + " |",
-           "|" + "---|" * (len(targets) + 1)]
-  lines += [f"| {name} | " + " | ".join(show(v) for _ in targets) + " |"
-            for name, v in reference.items()]
-  base = {r["target"]: r["baseline_mean"] for r in sorted(table, key=lambda r: r["n"])}
-  lines.append(f"| {baseline} | " + " | ".join(show(base[t]) for t in targets) + " |")
-  cell = {(r["criterion"], r["target"]): r for r in table}
-  for criterion in dict.fromkeys(r["criterion"] for r in table):
-    cells = []
-    for t in targets:
-      r = cell.get((criterion, t))
-      if r is None:
-        cells.append("")
-        continue
-      text = (f"{show(r['mean'])} ({change(r['difference'])} "
-              f"[{change(r['low'])}, {change(r['high'])}])")
-      if r["significant"]:
-        better = (r["difference"] < 0) == log  # lower log-perplexity is better
-        text = f"**{text}** {'▲' if better else '▼'}"
-      cells.append(text)
-    lines.append(f"| {criterion} | " + " | ".join(cells) + " |")
+  formats = (dict(value=lambda x: f"{math.exp(x):.1f}", difference=lambda d: f"x{math.exp(d):.3f}")
+             if log else dict(digits=4))
+  lines = [paired.wide_markdown(table, baseline, higher_is_better=not log,
+                                reference=reference, **formats)]
   missing = paired.missing(rows, baseline=baseline)
   if missing:
     lines += ["", "Compared on fewer seeds: " + "; ".join(missing) + "."]

@@ -1,26 +1,21 @@
 """The recorded comparison of criteria: its tables come from its raw runs, paired per seed."""
 
 import copy
-import functools
 import glob
-import importlib.util
 import json
 import os
 import re
 
 import pytest
 
+import clis
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD = os.path.join(ROOT, "experiments", "results", "compare_fashion_mnist")
 
 
-@functools.cache
 def _script():
-  spec = importlib.util.spec_from_file_location(
-      "summarize_compare", os.path.join(ROOT, "experiments", "summarize_compare.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return clis.script("summarize_compare")
 
 
 def _runs_by_model() -> dict[str, list[dict]]:

@@ -1,19 +1,13 @@
 """The text runs' summary: perplexities paired over calibration seeds, before and after
 recovery, compared in the log."""
 
-import importlib.util
 import math
-import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import clis
 
 
 def _script():
-  spec = importlib.util.spec_from_file_location(
-      "summarize_text", os.path.join(ROOT, "experiments", "summarize_text.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return clis.script("summarize_text")
 
 
 def _metrics(wordnet: float, docs: float) -> dict:

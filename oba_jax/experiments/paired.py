@@ -10,7 +10,7 @@ pipeline's `results["pruned"]` entries (with the run's seed added) or a text run
 """
 
 import collections
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
@@ -116,22 +116,29 @@ def markdown(rows: Sequence[dict], metric: str, baseline: str, *,
 
 
 def wide_markdown(rows: Sequence[dict], baseline: str, *, higher_is_better: bool = True,
-                  digits: int = 3) -> str:
+                  digits: int = 3, value: Callable[[float], str] | None = None,
+                  difference: Callable[[float], str] | None = None,
+                  reference: Mapping[str, float] | None = None) -> str:
   """`paired_differences` rows as one line per criterion and one column per target.
 
   The baseline's line holds its means; every other cell "mean (difference [low, high])",
   bold with ▲ when significantly better than the baseline, ▼ when significantly worse.
+  `value` and `difference` format them (default: `digits` decimals, the difference signed;
+  e.g. exp and a ratio for a log-perplexity); `reference` adds a first line per
+  {name: value} that holds at every target (a dense model's).
   """
   targets = sorted({r["target"] for r in rows}, reverse=True)
   criteria = list(dict.fromkeys(r["criterion"] for r in rows))
   cell = {(r["criterion"], r["target"]): r for r in rows}
   baseline_mean = {r["target"]: r["baseline_mean"]  # over all its seeds: the row of most seeds
                    for r in sorted(rows, key=lambda r: r["n"])}
-  f = lambda x: f"{x:.{digits}f}"
-  s = lambda x: f"{x:+.{digits}f}"
+  f = value or (lambda x: f"{x:.{digits}f}")
+  s = difference or (lambda x: f"{x:+.{digits}f}")
   lines = [f"| criterion | {' | '.join(f'kept {t:g}' for t in targets)} |",
-           "|---" * (len(targets) + 1) + "|",
-           f"| {baseline} | {' | '.join(f(baseline_mean[t]) for t in targets)} |"]
+           "|---" * (len(targets) + 1) + "|"]
+  lines += [f"| {name} | {' | '.join(f(x) for _ in targets)} |"
+            for name, x in (reference or {}).items()]
+  lines.append(f"| {baseline} | {' | '.join(f(baseline_mean[t]) for t in targets)} |")
   for criterion in criteria:
     cells = []
     for t in targets:
