@@ -105,7 +105,9 @@ def summarize_curves(runs: list[dict], baseline: str) -> tuple[str, list[dict]]:
 
 def plot_curves(label: str, table: list[dict], baseline: str, path: str) -> None:
   """Accuracy difference to the baseline against the fine-tuning budget, one panel per target,
-  with each criterion's 95 % interval as a band."""
+  with each criterion's 95 % interval as a band (cut to [-1, 1], what an accuracy difference
+  can be). The scale is symmetric-log, linear within ±0.01: right after pruning the
+  differences are tenths, after fine-tuning thousandths, and both must be readable."""
   targets = sorted({r["target"] for r in table}, reverse=True)
   budgets = sorted({r["budget"] for r in table})
   position = {b: i for i, b in enumerate(budgets)}  # evenly spaced: 0, 100, 300, 1000, end
@@ -117,15 +119,17 @@ def plot_curves(label: str, table: list[dict], baseline: str, path: str) -> None
                     key=lambda r: r["budget"])
       x = [position[r["budget"]] for r in rows]
       line, = ax.plot(x, [r["difference"] for r in rows], marker="o", label=criterion)
-      ax.fill_between(x, [r["low"] for r in rows], [r["high"] for r in rows],
-                      color=line.get_color(), alpha=0.15)
+      ax.fill_between(x, [max(r["low"], -1.0) for r in rows],
+                      [min(r["high"], 1.0) for r in rows], color=line.get_color(), alpha=0.15)
     ax.axhline(0, color="black", lw=0.8)
+    ax.set_yscale("symlog", linthresh=0.01)
     ax.set_xticks(range(len(budgets)), [str(b) for b in budgets])
     ax.set_xlabel("fine-tuning steps")
     ax.set_title(f"kept FLOPs {target:g}", fontsize=10)
   axes[0][0].set_ylabel(f"test accuracy − {baseline}")
   axes[0][-1].legend(fontsize=7)
-  fig.suptitle(f"{label}: paired difference to {baseline}, 95% CI over seeds", fontsize=10)
+  fig.suptitle(f"{label}: paired difference to {baseline}, 95% CI over seeds "
+               "(symmetric log scale, linear within ±0.01)", fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -173,6 +177,8 @@ def main():
     with open(path) as f:
       results = json.load(f)
     by_model[model_label(results["config"])].append(results)
+  if args.plots:
+    os.makedirs(args.plots, exist_ok=True)
   for label, runs in by_model.items():
     text, by_metric = summarize(runs, args.baseline)
     print(f"\n### {label}\n\n{text}")
