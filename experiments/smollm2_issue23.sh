@@ -14,9 +14,19 @@
 #   so that a commit of DIR lets a later session go on where it stopped (a recovery under way
 #   then starts again; the inputs are compared by content, so another checkout's wheel is the
 #   same input).
+#   The exported files are checked in llama.cpp and transformers, and those records are cached
+#   with the rest, so the clients must be installed first (pip install -e '.[export]'
+#   torch==2.13.0): the script refuses to start without them (CLIENTS=optional skips the check,
+#   for a smoke run: --config.smoke=True).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
+if [ "${CLIENTS:-required}" != optional ] && ! python -c "import llama_cpp, torch, transformers" 2>/dev/null; then
+  echo "smollm2_issue23.sh: llama-cpp-python, torch or transformers is not installed; the run" \
+    "records the exported files' logits and tokens/s in them. Install them with" \
+    "pip install -e '.[export]' torch==2.13.0 (or CLIENTS=optional for a smoke run)." >&2
+  exit 2
+fi
 WORKDIR=${1:?usage: smollm2_issue23.sh WORKDIR [--config.KEY=VALUE ...]}
 shift
 RECORD=$(realpath -m "${RECORD:-experiments/results/smollm2_issue23/workdir}")
