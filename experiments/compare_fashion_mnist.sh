@@ -65,6 +65,13 @@ for seed in $SEEDS; do
   done
 done
 
+record_dense() {  # RUN NAME: the run's trained dense model to RECORD/dense/NAME, once
+  if [ -d "$1/dense" ] && [ ! -d "$RECORD/dense/$2" ]; then  # none with DENSE_FROM
+    mkdir -p "$RECORD/dense"
+    cp -r "$1/dense" "$RECORD/dense/$2"
+  fi
+}
+
 record_cells() {  # the finished cells of the runs under way, and their dense models, to RECORD
   [ -n "${RECORD:-}" ] || return 0
   local cells run name
@@ -73,11 +80,9 @@ record_cells() {  # the finished cells of the runs under way, and their dense mo
     run=$(dirname "$cells")
     [ -f "$run/results.json" ] && continue
     name=$(basename "$(dirname "$run")")_$(basename "$run")
-    mkdir -p "$RECORD/cells/$name" "$RECORD/dense"
+    mkdir -p "$RECORD/cells/$name"
     cp -r "$cells/." "$RECORD/cells/$name/"
-    if [ -d "$run/dense" ] && [ ! -d "$RECORD/dense/$name" ]; then  # none with DENSE_FROM
-      cp -r "$run/dense" "$RECORD/dense/$name"
-    fi
+    record_dense "$run" "$name"
   done
 }
 
@@ -106,11 +111,8 @@ worker() {  # pops "model seed" lines off the queue until it is empty
       || echo "$model seed $seed failed: see $WORKDIR/$model-seed$seed.log"
     if [ -n "${RECORD:-}" ] && [ -f "$WORKDIR/$model/seed$seed/results.json" ]; then
       mkdir -p "$RECORD" && cp "$WORKDIR/$model/seed$seed/results.json" "$RECORD/${model}_seed$seed.json"
-      rm -rf "$RECORD/cells/${model}_seed$seed"  # done; its dense model stays:
-      if [ -d "$WORKDIR/$model/seed$seed/dense" ] && [ ! -d "$RECORD/dense/${model}_seed$seed" ]; then
-        mkdir -p "$RECORD/dense"
-        cp -r "$WORKDIR/$model/seed$seed/dense" "$RECORD/dense/${model}_seed$seed"
-      fi
+      rm -rf "$RECORD/cells/${model}_seed$seed"  # done; its dense model stays
+      record_dense "$WORKDIR/$model/seed$seed" "${model}_seed$seed"
     fi
   done
 }
