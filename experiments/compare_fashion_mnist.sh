@@ -69,6 +69,12 @@ record_dense() {  # RUN NAME: the run's trained dense model to RECORD/dense/NAME
   if [ -d "$1/dense" ] && [ ! -d "$RECORD/dense/$2" ]; then  # none with DENSE_FROM
     mkdir -p "$RECORD/dense"
     cp -r "$1/dense" "$RECORD/dense/$2"
+    # Its last checkpoint alone restores the trained model: the earlier ones are not recorded.
+    local checkpoints="$RECORD/dense/$2/checkpoints" step last
+    last=$(ls "$checkpoints" | grep -E '^[0-9]+$' | sort -n | tail -n 1)
+    for step in $(ls "$checkpoints" | grep -E '^[0-9]+$'); do
+      [ "$step" = "$last" ] || rm -rf "${checkpoints:?}/$step"
+    done
   fi
 }
 
