@@ -24,7 +24,8 @@ def main():
   parser.add_argument("workdir")
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
-  kinds = ["stale"] + sorted(os.path.basename(d) for d in glob.glob(os.path.join(args.workdir, "fixed*")))
+  fixed_dirs = glob.glob(os.path.join(args.workdir, "fixed*"))
+  kinds = ["stale"] + sorted(os.path.basename(d) for d in fixed_dirs)
   runs = {}
   for kind in kinds:
     for path in sorted(glob.glob(os.path.join(args.workdir, kind, "seed*", "results.json"))):
